@@ -1,0 +1,43 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+export DATABASE_URL_TEST ?= postgresql://postgres@127.0.0.1:5432/optout_test
+export REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
+
+.PHONY: install run test lint typecheck unit services bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+services:
+	@bash tests/services.sh
+
+lint: install
+	$(VENV)/bin/ruff check agent sns_bridge tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install services
+	$(PY) -m pytest -q
+
+test: install services lint typecheck unit
+
+run: install
+	@bash asterisk-docker/run-local.sh
+
+bench: install services
+	$(PY) tests/bench/bench_pipeline.py
+	$(PY) tests/bench/bench_precheck.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

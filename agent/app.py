@@ -1,0 +1,120 @@
+"""The composition root: opens every resource in an AsyncExitStack and runs the agent's named tasks.
+
+`open_core` is shared by the agent and the CLI (each its own process); `run_agent` is the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from agent.backoff import Backoff
+from agent.cache import RedisCache
+from agent.errors import StoreUnavailable
+from agent.http import AgentHttp
+from agent.journal import Journal
+from agent.pipeline import OptOutPipeline, Replayer
+from agent.precheck import BlacklistChecker, CacheReconciler
+from agent.settings import Settings
+from agent.store import Store
+from agent.store_postgres import PostgresStore
+from agent.store_sqlite import SqliteStore
+
+log = logging.getLogger("agent.app")
+
+
+@dataclass
+class Core:
+    """The opt-out core, open: what every entry point calls."""
+
+    settings: Settings
+    store: Store
+    cache: RedisCache | None
+    journal: Journal
+    pipeline: OptOutPipeline
+    checker: BlacklistChecker
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.database_url is not None:
+        return PostgresStore(settings.database_url.get_secret_value(), pool_size=settings.db_pool_size)
+    return SqliteStore(settings.optout_db_path)
+
+
+async def open_core(settings: Settings, stack: AsyncExitStack, *, publish: bool = False) -> Core:
+    """Open the journal, store and cache (closed by `stack`)."""
+    journal = await stack.enter_async_context(Journal(settings.optout_journal_path, publish=publish))
+    store = await stack.enter_async_context(make_store(settings))
+    cache = None
+    if settings.redis_dsn is not None:
+        cache = await stack.enter_async_context(RedisCache(settings.redis_dsn))
+    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache)
+    checker = BlacklistChecker(store=store, cache=cache, region=settings.optout_default_region)
+    return Core(settings, store, cache, journal, pipeline, checker)
+
+
+async def _migrate_until_done(store: Store) -> None:
+    """Create/upgrade the schema, retrying while the store is down (the journal holds opt-outs meanwhile)."""
+    backoff = Backoff("store migration", initial=0.5, maximum=10.0, logger=log)
+    while True:
+        try:
+            applied = await store.migrate()
+            if applied:
+                log.info("schema migrations applied: %s", ", ".join(applied))
+            return
+        except StoreUnavailable as exc:
+            await asyncio.sleep(backoff.delay(exc))
+
+
+async def run_agent(settings: Settings) -> int:
+    """Run the agent until SIGTERM/SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        core = await open_core(settings, stack)
+        replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
+        ready: dict[str, Callable[[], bool]] = {"journal": lambda: True}
+        if core.cache is None:
+            log.info("Redis not configured: the cache is off and pre-dial checks go to the store")
+        await stack.enter_async_context(
+            AgentHttp(
+                host=settings.agent_http_host,
+                port=settings.agent_http_port,
+                readiness=lambda: {name: probe() for name, probe in ready.items()},
+                terminate_call=None,
+                api_token=settings.agent_api_token.get_secret_value() if settings.agent_api_token else None,
+            )
+        )
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(_migrate_until_done(core.store), name="store-migrate"),
+                tg.create_task(replayer.run(), name="journal-replayer"),
+            ]
+            if core.cache is not None:
+                reconciler = CacheReconciler(
+                    store=core.store, cache=core.cache, interval=settings.reconcile_interval_seconds
+                )
+                tasks.append(tg.create_task(reconciler.run(), name="cache-reconciler"))
+            log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None})
+            await stop.wait()
+            log.info("stopping: finishing in-flight opt-outs")
+            await _drain_inflight(core, within=5.0)
+            for task in tasks:
+                task.cancel()
+    log.info("agent stopped")
+    return 0
+
+
+async def _drain_inflight(core: Core, *, within: float) -> None:
+    """Wait until the pipeline has nothing in flight (what is left stays journaled for the next start)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while core.pipeline.inflight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a set
+        await asyncio.sleep(0.02)
+    if core.pipeline.inflight:
+        log.warning("%d opt-outs still in flight at shutdown; they stay journaled", len(core.pipeline.inflight))

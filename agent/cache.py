@@ -1,0 +1,145 @@
+"""Redis: the keys the dialers' pre-dial check reads. Non-critical: the store is the system of record.
+
+`blacklist:synced` marks a set known to hold the whole store; Redis that restarted empty has no marker,
+and the pre-dial check then asks the store instead (fail closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Self
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agent.constants import (
+    ACTION_TTL_SECONDS,
+    BLACKLIST_SET,
+    BLACKLIST_SYNCED,
+    action_key,
+    blacklist_entry_key,
+    campaign_counter_key,
+)
+from agent.errors import CacheUnavailable
+from agent.optout import BlacklistEntry, OptOutRecord
+from agent.store import Store
+
+
+class RedisCache:
+    """The Redis side of the blacklist (async context manager)."""
+
+    def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+            decode_responses=True,
+        )
+        self._closed = False
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._redis.aclose()
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def write_optout(self, record: OptOutRecord, *, counted: bool) -> None:
+        """Set membership, entry, action record and campaign counter, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        if record.phone_number is not None:
+            entry = record.entry()
+            pipe.sadd(BLACKLIST_SET, record.phone_number)
+            pipe.set(blacklist_entry_key(record.phone_number), entry.to_json(), nx=True)
+        pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS)
+        if counted and record.campaign_id is not None:
+            pipe.incr(campaign_counter_key(record.campaign_id))
+        await self._execute(pipe)
+
+    async def add_entries(self, entries: Sequence[BlacklistEntry]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        if entries:
+            pipe.sadd(BLACKLIST_SET, *(e.phone_number for e in entries))
+            pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
+        await self._execute(pipe)
+
+    async def remove(self, phone_number: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.srem(BLACKLIST_SET, phone_number)
+        pipe.delete(blacklist_entry_key(phone_number))
+        await self._execute(pipe)
+
+    async def check(self, numbers: Sequence[str]) -> list[bool] | None:
+        """Membership of each number, or None when the set is not known to be complete (not synced)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(BLACKLIST_SYNCED)
+        pipe.smismember(BLACKLIST_SET, list(numbers))
+        synced, members = await self._execute(pipe)
+        assert isinstance(members, list)
+        if not synced:
+            return None
+        return [bool(m) for m in members]
+
+    async def is_synced(self) -> bool:
+        try:
+            return bool(await self._redis.exists(BLACKLIST_SYNCED))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def sync_from(self, store: Store, *, batch_size: int = 10_000) -> int:
+        """Rebuild the set and entries from the store; returns how many numbers the set holds.
+
+        The set is built under a temporary key and renamed over the live one, so numbers removed from the
+        store leave it too; opt-outs added while the rebuild ran are copied in again after the rename.
+        """
+        started = datetime.now(UTC) - timedelta(seconds=5)
+        tmp = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"
+        total = 0
+        try:
+            await self._redis.delete(tmp)
+            async for batch in store.entries(batch_size=batch_size):
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.sadd(tmp, *(e.phone_number for e in batch))
+                pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in batch})
+                await pipe.execute()
+                total += len(batch)
+            if total:
+                await self._redis.rename(tmp, BLACKLIST_SET)
+            else:
+                await self._redis.delete(BLACKLIST_SET)
+            async for batch in store.entries(batch_size=batch_size, since=started):
+                await self.add_entries(batch)
+            await self._redis.set(BLACKLIST_SYNCED, datetime.now(UTC).isoformat())
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: sync failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.delete(tmp)
+        return total
+
+    async def _execute(self, pipe: aioredis.client.Pipeline) -> list[object]:
+        try:
+            return list(await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc

@@ -1,0 +1,194 @@
+"""The `optout` command line. Errors print one clear line (no traceback) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent import admin, logs
+from agent.app import Core, open_core
+from agent.constants import Source
+from agent.errors import OptOutError, StoreUnavailable
+from agent.phone import mask
+from agent.pipeline import Status
+from agent.settings import Settings
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _actor() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def _shown(number: str, settings: Settings) -> str:
+    return number if settings.log_full_numbers else mask(number)
+
+
+async def cmd_migrate(core: Core, args: argparse.Namespace) -> int:
+    applied = await core.store.migrate()
+    print(f"schema up to date ({core.store.dialect}); applied now: {', '.join(applied) or 'nothing'}")
+    return EXIT_OK
+
+
+async def cmd_check(core: Core, args: argparse.Namespace) -> int:
+    numbers = core.checker.normalise(args.numbers)
+    answers = await core.checker.check(numbers)
+    for raw, e164, listed in zip(args.numbers, numbers, answers, strict=True):
+        print(f"{raw}\t{e164}\t{'BLACKLISTED' if listed else 'clear'}")
+    return EXIT_FOUND if any(answers) else EXIT_OK
+
+
+async def cmd_add(core: Core, args: argparse.Namespace) -> int:
+    result = await admin.add(core, args.number, source=Source(args.source), reason=args.reason, actor=_actor())
+    shown = _shown(result.record.phone_number or "", core.settings)
+    if result.status is Status.JOURNALED:
+        print(f"{shown}: journaled; the store is unavailable, the agent's replayer stores it", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{shown}: {result.outcome.value if result.outcome else result.status.value}")
+    return EXIT_OK
+
+
+async def cmd_remove(core: Core, args: argparse.Namespace) -> int:
+    removed = await admin.remove(core, args.number, reason=args.reason, actor=_actor())
+    print(f"{args.number}: {'removed (audited)' if removed else 'was not on the blacklist'}")
+    return EXIT_OK if removed else EXIT_FOUND
+
+
+async def cmd_import(core: Core, args: argparse.Namespace) -> int:
+    tty = sys.stderr.isatty()
+
+    def progress(done: int) -> None:
+        if tty:
+            print(f"\rimported {done:,} rows", end="", file=sys.stderr, flush=True)
+
+    with open(args.file, encoding="utf-8-sig", newline="") as fh:  # noqa: ASYNC230 - streamed, CLI only
+        report = await admin.import_numbers(
+            core, fh, source=Source(args.source), reason=args.reason, actor=_actor(), progress=progress
+        )
+    if tty:
+        print(file=sys.stderr)
+    for lineno, problem in report.bad[:1000]:
+        print(f"{args.file}:{lineno}: {problem}", file=sys.stderr)
+    if len(report.bad) > 1000:
+        print(f"... and {len(report.bad) - 1000} more bad rows", file=sys.stderr)
+    if report.cache_error:
+        print(f"warning: Redis not updated ({report.cache_error}); run `optout sync-cache`", file=sys.stderr)
+    print(f"read {report.read}, added {report.added}, already listed {report.already}, bad {len(report.bad)}")
+    return EXIT_ERROR if report.bad else EXIT_OK
+
+
+async def cmd_export(core: Core, args: argparse.Namespace) -> int:
+    if args.audit:
+        chunks = admin.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix)
+    else:
+        chunks = admin.export_csv(core)
+    async for chunk in chunks:
+        sys.stdout.write(chunk)
+    return EXIT_OK
+
+
+async def cmd_history(core: Core, args: argparse.Namespace) -> int:
+    [e164] = core.checker.normalise([args.number])
+    rows = await core.store.history(e164)
+    for row in rows:
+        print(json.dumps(row, default=str))
+    if not rows:
+        print(f"no actions recorded for {_shown(e164, core.settings)}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_sync_cache(core: Core, args: argparse.Namespace) -> int:
+    if core.cache is None:
+        print("error: Redis is not configured (REDIS_URL or REDIS_HOST)", file=sys.stderr)
+        return EXIT_ERROR
+    total = await core.cache.sync_from(core.store)
+    print(f"Redis rebuilt from the store: {total} numbers")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optout", description="Opt-out blacklist and agent (press 9 to stop calls).")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the agent (ARI, AGI, AMI, HTTP)")
+    sub.add_parser("migrate", help="create or upgrade the schema")
+    c = sub.add_parser("check", help="pre-dial check: exit 0 all clear, 1 any blacklisted, 2 error")
+    c.add_argument("numbers", nargs="+", metavar="NUMBER")
+    a = sub.add_parser("add", help="blacklist a number")
+    a.add_argument("number", metavar="NUMBER")
+    a.add_argument("--source", choices=[Source.ADMIN_IMPORT.value, Source.COMPLIANCE.value],
+                   default=Source.ADMIN_IMPORT.value)
+    a.add_argument("--reason")
+    r = sub.add_parser("remove", help="take a number off the blacklist (audited)")
+    r.add_argument("number", metavar="NUMBER")
+    r.add_argument("--reason", required=True)
+    i = sub.add_parser("import", help="import numbers (CSV with a phone column, or one per line)")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--source", choices=[s.value for s in Source], default=Source.ADMIN_IMPORT.value)
+    i.add_argument("--reason", default="imported")
+    e = sub.add_parser("export", help="the blacklist as CSV on stdout (--audit: the audit trail)")
+    e.add_argument("--audit", action="store_true", help="export audit rows instead of the blacklist")
+    e.add_argument("--campaign", help="with --audit: only this campaign")
+    e.add_argument("--prefix", help="with --audit: only numbers starting with this E.164 prefix")
+    h = sub.add_parser("history", help="the audit trail of one number")
+    h.add_argument("number", metavar="NUMBER")
+    sub.add_parser("sync-cache", help="rebuild Redis from the store")
+    return p
+
+
+COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
+    "migrate": cmd_migrate,
+    "check": cmd_check,
+    "add": cmd_add,
+    "remove": cmd_remove,
+    "import": cmd_import,
+    "export": cmd_export,
+    "history": cmd_history,
+    "sync-cache": cmd_sync_cache,
+}
+
+
+async def _run_command(settings: Settings, args: argparse.Namespace) -> int:
+    async with AsyncExitStack() as stack:
+        core = await open_core(settings, stack)
+        if args.command != "migrate":
+            await core.store.migrate()  # the embedded store is usable straight away
+        return await COMMANDS[args.command](core, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        err: Any = exc.errors()[0]
+        print(f"error: configuration {'.'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
+        return EXIT_ERROR
+    logs.configure("WARNING" if args.command in COMMANDS else settings.log_level,
+                   full_numbers=settings.log_full_numbers)
+    try:
+        if args.command == "run":
+            from agent.app import run_agent
+
+            return asyncio.run(run_agent(settings))
+        return asyncio.run(_run_command(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except StoreUnavailable as exc:
+        print(f"error: store unavailable: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OptOutError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The agent's HTTP API (aiohttp): /health, /ready, /metrics and POST /calls/{callId}/terminate."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("agent.http")
+
+ReadinessProbe = Callable[[], dict[str, bool]]
+CallTerminator = Callable[[str], Awaitable[bool]]
+
+
+class AgentHttp:
+    """Serves the agent's HTTP API on host:port (async context manager)."""
+
+    def __init__(
+        self, *, host: str, port: int, readiness: ReadinessProbe, terminate_call: CallTerminator | None,
+        api_token: str | None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._readiness = readiness
+        self._terminate_call = terminate_call
+        self._token = api_token
+        self._runner: web.AppRunner | None = None
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/calls/{call_id}/terminate", self._terminate)
+        self._app = app
+
+    async def __aenter__(self) -> Self:
+        self._runner = web.AppRunner(self._app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        log.info("HTTP API on %s:%d", self._host, self._port)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        parts = self._readiness()
+        ready = all(parts.values())
+        return web.json_response({"ready": ready, **parts}, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _terminate(self, request: web.Request) -> web.Response:
+        if self._token is None:
+            return web.json_response({"error": "termination endpoint disabled: AGENT_API_TOKEN is not set"}, status=503)
+        supplied = request.headers.get("Authorization", "")
+        expected = f"Bearer {self._token}"
+        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        if self._terminate_call is None:
+            return web.json_response({"error": "no telephony connection"}, status=503)
+        call_id = request.match_info["call_id"]
+        if not call_id or len(call_id) > 128:
+            return web.json_response({"error": "field callId: must be 1 to 128 characters"}, status=400)
+        if await self._terminate_call(call_id):
+            return web.json_response({"terminated": True, "callId": call_id})
+        return web.json_response({"error": f"no call with CALL_ID {call_id!r} on this Asterisk"}, status=404)

@@ -1,0 +1,58 @@
+"""Phone numbers: normalisation to E.164 and masking for logs. No I/O."""
+
+from __future__ import annotations
+
+import phonenumbers
+
+from agent.errors import InvalidPhoneNumber
+
+_MAX_INPUT = 64
+_REASONS = {
+    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "has no valid country code",
+    phonenumbers.ValidationResult.TOO_SHORT: "is too short",
+    phonenumbers.ValidationResult.TOO_LONG: "is too long",
+    phonenumbers.ValidationResult.INVALID_LENGTH: "has a length no number of its country has",
+    phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "is a local number without its area code",
+}
+
+
+def normalise(raw: object, *, region: str, field: str = "phoneNumber") -> str:
+    """Return `raw` as an E.164 number (`+972501234567`).
+
+    National formats are read in `region` (ISO 3166 alpha-2, e.g. "IL"); `+`-prefixed and `00`-less
+    international formats need no region. Raises InvalidPhoneNumber naming `field` when the value is
+    not a string, cannot be parsed, or cannot be a number of its country (wrong length).
+    """
+    if not isinstance(raw, str):
+        raise InvalidPhoneNumber(field, f"expected a string, got {type(raw).__name__}")
+    text = raw.strip()
+    if not text:
+        raise InvalidPhoneNumber(field, "is empty")
+    if len(text) > _MAX_INPUT:
+        raise InvalidPhoneNumber(field, f"is {len(text)} characters long, more than {_MAX_INPUT}")
+    try:
+        parsed = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidPhoneNumber(field, f"{mask(text)!r} cannot be read as a phone number ({exc})") from exc
+    # "Possible" (a known country code and a length that country uses), not "valid" (inside a range the
+    # library's metadata knows is allocated): allocation data lags reality, and refusing a real caller's
+    # opt-out because a range is new would be the worse mistake.
+    reason = phonenumbers.is_possible_number_with_reason(parsed)
+    if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
+        problem = _REASONS.get(reason, "is not a possible number")
+        raise InvalidPhoneNumber(field, f"{mask(text)!r} {problem} (read in region {region})")
+    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+def mask(number: str, *, keep: int = 4) -> str:
+    """All but the last `keep` digits replaced by `*` (`+*********4567`); formatting characters kept."""
+    digits_seen = 0
+    total = sum(ch.isdigit() for ch in number)
+    out = []
+    for ch in number:
+        if ch.isdigit():
+            digits_seen += 1
+            out.append(ch if digits_seen > total - keep else "*")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,0 +1,1 @@
+"""Bridge between Amazon SNS and the opt-out agent."""

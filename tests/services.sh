@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start PostgreSQL and Redis where they are not running (installing them from Debian's packages where
+# they are missing), and create the test database. Idempotent; used by `make test` and `make run`.
+set -euo pipefail
+
+PGHOST=${PGHOST:-127.0.0.1}
+PGPORT=${PGPORT:-5432}
+TEST_DB=${TEST_DB:-optout_test}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+apt_install() {
+  if [ "$(id -u)" = 0 ] && have apt-get; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "services: please install $* (need root and apt-get)" >&2; exit 1
+  fi
+}
+
+pg_up() { pg_isready -q -h "$PGHOST" -p "$PGPORT" 2>/dev/null; }
+if ! pg_up; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    echo "services: installing PostgreSQL" >&2
+    apt_install postgresql
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n1)
+  hba=/etc/postgresql/$version/main/pg_hba.conf
+  if ! grep -Eq '^host\s+all\s+all\s+127\.0\.0\.1/32\s+trust' "$hba"; then
+    echo "host all all 127.0.0.1/32 trust" >> "$hba"
+  fi
+  echo "services: starting PostgreSQL $version" >&2
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 50); do pg_up && break; sleep 0.2; done
+  pg_up || { echo "services: PostgreSQL did not start" >&2; exit 1; }
+fi
+psql_admin() { psql -h "$PGHOST" -p "$PGPORT" -U postgres -d postgres -qtA "$@"; }
+if [ -z "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$TEST_DB'")" ]; then
+  psql_admin -c "CREATE DATABASE $TEST_DB" >/dev/null
+fi
+
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+if ! redis_up; then
+  have redis-server || { echo "services: installing Redis" >&2; apt_install redis-server; }
+  echo "services: starting Redis" >&2
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/optout.log
+  for _ in $(seq 1 50); do redis_up && break; sleep 0.1; done
+  redis_up || { echo "services: Redis did not start" >&2; exit 1; }
+fi
+echo "services: PostgreSQL and Redis are up" >&2

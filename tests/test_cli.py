@@ -1,0 +1,99 @@
+"""The `optout` command line, run as a real process against PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from agent.constants import BLACKLIST_SET, BLACKLIST_SYNCED
+
+
+@pytest.fixture
+def env(pg_dsn: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_", "OPTOUT_"))}
+    e.update(DATABASE_URL=pg_dsn, REDIS_URL=redis_url, OPTOUT_DEFAULT_REGION="IL",
+             OPTOUT_JOURNAL_PATH=str(tmp_path / "journal.db"))
+    return e
+
+
+def optout(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_check_exit_codes_clear_listed_and_bad_input(env: dict[str, str]) -> None:
+    assert optout(env, "migrate").returncode == 0
+    clear = optout(env, "check", "050-123-4567")
+    assert clear.returncode == 0 and "clear" in clear.stdout
+    assert optout(env, "add", "0501234567", "--reason", "asked by phone").returncode == 0
+    listed = optout(env, "check", "+972 50 123 4567", "0521234567")
+    assert listed.returncode == 1
+    assert listed.stdout.splitlines()[0].endswith("BLACKLISTED") and listed.stdout.splitlines()[1].endswith("clear")
+    bad = optout(env, "check", "12")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: field numbers[0]:") and "Traceback" not in bad.stderr
+
+
+def test_check_fails_closed_when_the_store_cannot_answer(env: dict[str, str]) -> None:
+    env = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    out = optout(env, "check", "0501234567")
+    assert out.returncode == 2
+    assert "store unavailable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_remove_needs_a_reason_and_is_in_history(env: dict[str, str], redis_sync: redis.Redis) -> None:
+    optout(env, "add", "0501234567")
+    assert redis_sync.sismember(BLACKLIST_SET, "+972501234567")
+    assert optout(env, "remove", "0501234567").returncode == 2  # argparse: --reason is required
+    assert optout(env, "remove", "0501234567", "--reason", "   ").returncode == 2
+    done = optout(env, "remove", "0501234567", "--reason", "consent given")
+    assert done.returncode == 0
+    assert not redis_sync.sismember(BLACKLIST_SET, "+972501234567")
+    history = optout(env, "history", "0501234567").stdout
+    assert '"outcome": "blacklisted"' in history and '"outcome": "removed"' in history
+    assert "consent given" in history
+
+
+def test_import_reports_bad_rows_by_line_and_stores_good_ones(env: dict[str, str], tmp_path: Path,
+                                                             redis_sync: redis.Redis) -> None:
+    csv_file = tmp_path / "numbers.csv"
+    csv_file.write_text("name,phone\nann,050-123-4567\nbob,not-a-number\ncy,+14155550123\ndee,\n")
+    out = optout(env, "import", str(csv_file))
+    assert out.returncode == 2
+    assert f"{csv_file}:3: field phone:" in out.stderr and f"{csv_file}:5: field phone:" in out.stderr
+    assert "added 2" in out.stdout
+    assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+14155550123"}
+    plain = tmp_path / "plain.txt"
+    plain.write_text("0521234567\n\n0531234567\n")
+    assert optout(env, "import", str(plain)).returncode == 0
+    export = optout(env, "export")
+    lines = export.stdout.splitlines()
+    assert lines[0] == "phoneNumber,addedAt,reason,source,metadata" and len(lines) == 5
+    audit = optout(env, "export", "--audit", "--prefix", "+1").stdout.splitlines()
+    assert len(audit) == 2 and "+14155550123" in audit[1]
+
+
+def test_sync_cache_rebuilds_redis_and_drops_removed_numbers(env: dict[str, str], redis_sync: redis.Redis) -> None:
+    optout(env, "add", "0501234567")
+    optout(env, "add", "0521234567")
+    redis_sync.sadd(BLACKLIST_SET, "+972539999999")  # stale: not in the store
+    redis_sync.delete(BLACKLIST_SYNCED)
+    out = optout(env, "sync-cache")
+    assert out.returncode == 0 and "2 numbers" in out.stdout
+    assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+972521234567"}
+    assert redis_sync.exists(BLACKLIST_SYNCED)
+
+
+def test_embedded_sqlite_store_works_with_nothing_configured(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_", "OPTOUT_"))}
+    env["OPTOUT_DEFAULT_REGION"] = "IL"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "agent.cli", *a], env=env, cwd=tmp_path,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    assert run("add", "0501234567").returncode == 0
+    assert run("check", "0501234567").returncode == 1
+    assert (tmp_path / "optout.db").exists() and (tmp_path / "optout-journal.db").exists()
