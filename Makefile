@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DATABASE_URL_TEST ?= postgresql://postgres@127.0.0.1:5432/optout_test
 export REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 
-.PHONY: install run test lint typecheck unit services bench clean
+TEST_ENV := .run/test.env
+WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
+
+.PHONY: install run test lint typecheck unit services asterisk bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,21 +24,31 @@ install: $(STAMP)
 services:
 	@bash tests/services.sh
 
+# Credentials for the test Asterisk, generated once per checkout (never committed).
+$(TEST_ENV):
+	@mkdir -p .run && umask 077 && for v in ARI_PASSWORD AMI_SECRET AGENT_API_TOKEN; do \
+	  echo "$$v=$$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')"; done > $@
+	@echo "AMI_USERNAME=optout" >> $@ && echo "AMI_HOST=127.0.0.1" >> $@
+
+asterisk: $(TEST_ENV)
+	@$(WITH_TEST_ENV) asterisk-docker/sandbox up
+
 lint: install
 	$(VENV)/bin/ruff check agent sns_bridge tests
 
 typecheck: install
 	$(VENV)/bin/mypy
 
-unit: install services
-	$(PY) -m pytest -q
+unit: install services asterisk
+	@$(WITH_TEST_ENV) $(PY) -m pytest -q
 
 test: install services lint typecheck unit
 
 run: install
 	@bash asterisk-docker/run-local.sh
 
-bench: install services
+bench: install services asterisk
+	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_ari.py
 	$(PY) tests/bench/bench_pipeline.py
 	$(PY) tests/bench/bench_precheck.py
 

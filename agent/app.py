@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from agent.ari import AriAgent
 from agent.backoff import Backoff
 from agent.cache import RedisCache
 from agent.errors import StoreUnavailable
@@ -57,6 +58,20 @@ async def open_core(settings: Settings, stack: AsyncExitStack, *, publish: bool 
     return Core(settings, store, cache, journal, pipeline, checker)
 
 
+def make_ari(settings: Settings, core: Core) -> AriAgent | None:
+    """The ARI agent, when enabled and given a password (ARI_PASSWORD or ARI_PASSWORD_FILE)."""
+    if not settings.ari_enabled:
+        return None
+    if settings.ari_password is None:
+        log.error("ARI_PASSWORD (or ARI_PASSWORD_FILE) is not set: the ARI agent is off")
+        return None
+    return AriAgent(
+        url=settings.ari_url, username=settings.ari_username, password=settings.ari_password.get_secret_value(),
+        app=settings.ari_app, digit=settings.optout_digit, region=settings.optout_default_region,
+        pipeline=core.pipeline,
+    )
+
+
 async def _migrate_until_done(store: Store) -> None:
     """Create/upgrade the schema, retrying while the store is down (the journal holds opt-outs meanwhile)."""
     backoff = Backoff("store migration", initial=0.5, maximum=10.0, logger=log)
@@ -82,12 +97,16 @@ async def run_agent(settings: Settings) -> int:
         ready: dict[str, Callable[[], bool]] = {"journal": lambda: True}
         if core.cache is None:
             log.info("Redis not configured: the cache is off and pre-dial checks go to the store")
+        ari = make_ari(settings, core)
+        if ari is not None:
+            await stack.enter_async_context(ari)
+            ready["ari"] = lambda: ari.connected
         await stack.enter_async_context(
             AgentHttp(
                 host=settings.agent_http_host,
                 port=settings.agent_http_port,
                 readiness=lambda: {name: probe() for name, probe in ready.items()},
-                terminate_call=None,
+                terminate_call=ari.terminate_call if ari is not None else None,
                 api_token=settings.agent_api_token.get_secret_value() if settings.agent_api_token else None,
             )
         )
@@ -101,9 +120,14 @@ async def run_agent(settings: Settings) -> int:
                     store=core.store, cache=core.cache, interval=settings.reconcile_interval_seconds
                 )
                 tasks.append(tg.create_task(reconciler.run(), name="cache-reconciler"))
+            if ari is not None:
+                tasks.append(tg.create_task(ari.run(), name="ari-listener"))
             log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None})
             await stop.wait()
             log.info("stopping: finishing in-flight opt-outs")
+            if ari is not None:
+                await ari.stop_accepting()
+                await ari.drain(within=5.0)
             await _drain_inflight(core, within=5.0)
             for task in tasks:
                 task.cancel()

@@ -220,10 +220,10 @@ class Journal:
         return [OptOutRecord.from_json(r[0]) for r in rows]
 
     async def unpublished(self, limit: int = 500) -> list[OptOutRecord]:
-        """Stored records not yet published (the SNS outbox), oldest first."""
+        """Records not yet published (the SNS outbox), oldest first; publishing does not wait for the store."""
         rows = await self._run(
             self._query,
-            "SELECT record FROM journal WHERE published = 0 AND stored = 1 ORDER BY journaled_at LIMIT ?",
+            "SELECT record FROM journal WHERE published = 0 ORDER BY journaled_at LIMIT ?",
             (limit,),
         )
         return [OptOutRecord.from_json(r[0]) for r in rows]

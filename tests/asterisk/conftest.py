@@ -1,0 +1,93 @@
+"""Fixtures on the real Asterisk sandbox (`make test` starts it: asterisk-docker/sandbox up).
+
+ARI_URL, ARI_USERNAME, ARI_PASSWORD come from the environment (`make test` sources .run/test.env).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.ari import AriAgent
+from agent.pipeline import OptOutPipeline
+from agent.testcall import CallObserver
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class AriEnv:
+    url: str
+    username: str
+    password: str
+    app: str
+
+
+@pytest.fixture(scope="session")
+def ari_env() -> AriEnv:
+    env = AriEnv(
+        url=os.environ.get("ARI_URL", "http://127.0.0.1:8088"),
+        username=os.environ.get("ARI_USERNAME", "optout"),
+        password=os.environ.get("ARI_PASSWORD", ""),
+        app=os.environ.get("ARI_APP", "optout-agent"),
+    )
+    if not env.password:
+        pytest.fail("ARI_PASSWORD is not set: run the suite with `make test` (it starts the Asterisk sandbox)")
+    try:
+        resp = httpx.get(f"{env.url}/ari/asterisk/info", auth=(env.username, env.password), timeout=3)
+    except httpx.HTTPError as exc:
+        pytest.fail(f"Asterisk ARI at {env.url} does not answer ({exc}): run `make test`")
+    if resp.status_code != 200:
+        pytest.fail(f"Asterisk ARI at {env.url} answered HTTP {resp.status_code}: not the sandbox credentials")
+    return env
+
+
+def sandbox(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "asterisk-docker" / "sandbox"), *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+async def observer(ari_env: AriEnv) -> AsyncIterator[CallObserver]:
+    async with CallObserver(ari_url=ari_env.url, username=ari_env.username, password=ari_env.password) as obs:
+        yield obs
+
+
+async def wait_connected(agent: AriAgent, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not agent.connected:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail("the ARI agent did not connect")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def ari_agent(ari_env: AriEnv, pipeline: OptOutPipeline) -> AsyncIterator[AriAgent]:
+    """A running ARI agent on the sandbox, recording into real PostgreSQL + Redis."""
+    async with AriAgent(url=ari_env.url, username=ari_env.username, password=ari_env.password, app=ari_env.app,
+                        digit="9", region="IL", pipeline=pipeline) as agent:
+        task = asyncio.create_task(agent.run(), name="ari-listener")
+        await wait_connected(agent)
+        yield agent
+        await agent.drain(within=5.0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def eventually(probe, *, within: float = 5.0, every: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async probe until it returns something truthy (or fail after `within` seconds)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(every)
