@@ -68,7 +68,9 @@ class _HeaderAuthHttpClient(AsynchronousHttpClient):  # type: ignore[misc]
         self._auth_header = {"Authorization": basic_auth(username, password)}
 
     async def ws_connect(self, url: str, params: dict[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
-        ws = await self.session.ws_connect(url, params=params or {}, headers=self._auth_header, heartbeat=10)
+        ws: aiohttp.ClientWebSocketResponse = await self.session.ws_connect(
+            url, params=params or {}, headers=self._auth_header, heartbeat=10
+        )
         self.websockets.add(ws)
         return ws
 
@@ -176,9 +178,9 @@ class AriAgent:
             await asyncio.sleep(0.01)
         if run.done() or not client.websockets:
             run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
+            why: object = (await asyncio.gather(run, return_exceptions=True))[0]
             await self._close_client()
-            raise TelephonyError(f"ARI websocket for app {self._app!r} did not open")
+            raise TelephonyError(f"ARI websocket for app {self._app!r} did not open: {why!r}")
         self._set_connected(True)
         backoff.reset()
         try:

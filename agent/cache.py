@@ -65,17 +65,18 @@ class RedisCache:
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
-    async def write_optout(self, record: OptOutRecord, *, counted: bool) -> None:
-        """Set membership, entry, action record and campaign counter, in one round trip."""
+    async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[None]:
+        """For each new opt-out: set membership, entry, action record and campaign counter; one round trip."""
         pipe = self._redis.pipeline(transaction=False)
-        if record.phone_number is not None:
-            entry = record.entry()
-            pipe.sadd(BLACKLIST_SET, record.phone_number)
-            pipe.set(blacklist_entry_key(record.phone_number), entry.to_json(), nx=True)
-        pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS)
-        if counted and record.campaign_id is not None:
-            pipe.incr(campaign_counter_key(record.campaign_id))
+        for record in records:
+            if record.phone_number is not None:
+                pipe.sadd(BLACKLIST_SET, record.phone_number)
+                pipe.set(blacklist_entry_key(record.phone_number), record.entry().to_json(), nx=True)
+            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS)
+            if record.campaign_id is not None:
+                pipe.incr(campaign_counter_key(record.campaign_id))
         await self._execute(pipe)
+        return [None] * len(records)
 
     async def add_entries(self, entries: Sequence[BlacklistEntry]) -> None:
         pipe = self._redis.pipeline(transaction=False)

@@ -115,6 +115,37 @@ async def cmd_sync_cache(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
+    """Place a test call through Asterisk and say what happened."""
+    from agent.testcall import CallObserver
+
+    if settings.ari_password is None:
+        print("error: ARI_PASSWORD (or ARI_PASSWORD_FILE) is not set", file=sys.stderr)
+        return EXIT_ERROR
+    async with CallObserver(ari_url=settings.ari_url, username=settings.ari_username,
+                            password=settings.ari_password.get_secret_value(), digit=settings.optout_digit) as obs:
+        call = await obs.wait(await obs.place(args.number, press=args.press, via=args.via, ivr=args.ivr),
+                              timeout=args.timeout)
+        if not call.hung_up:
+            await obs.hangup_all(call)
+    print(f"call {call.call_id} via {args.via} into the {args.ivr} IVR, digits received: {''.join(call.digits) or '-'}")
+    if call.hung_up:
+        ms = call.press_to_hangup_ms
+        print(f"hung up: yes, {ms:.1f} ms after the press (Asterisk's clock)" if ms is not None else "hung up: yes")
+    else:
+        print(f"hung up: no (still up after {args.timeout:.0f} s; the test call was ended)")
+    async with AsyncExitStack() as stack:
+        core = await open_core(settings, stack)
+        await asyncio.sleep(0.3)  # the agent records right after the hangup
+        try:
+            [e164] = core.checker.normalise([args.number])
+            [listed] = await core.checker.check([e164])
+            print(f"{_shown(e164, settings)} blacklisted: {'yes' if listed else 'no'}")
+        except OptOutError as exc:
+            print(f"blacklist check: {exc}")
+    return EXIT_OK if call.hung_up else EXIT_FOUND
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optout", description="Opt-out blacklist and agent (press 9 to stop calls).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("history", help="the audit trail of one number")
     h.add_argument("number", metavar="NUMBER")
     sub.add_parser("sync-cache", help="rebuild Redis from the store")
+    t = sub.add_parser("call", help="place a test call through Asterisk that presses digits")
+    t.add_argument("number", metavar="NUMBER", help="the called number the call carries (OPTOUT_NUMBER)")
+    t.add_argument("--press", default="9", help="digits the caller sends (SendDTMF syntax, e.g. 5w9)")
+    t.add_argument("--via", choices=["sip", "local"], default="sip")
+    t.add_argument("--ivr", choices=["ari", "agi", "plain"], default="ari")
+    t.add_argument("--timeout", type=float, default=10.0)
     return p
 
 
@@ -175,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure("WARNING" if args.command in COMMANDS else settings.log_level,
                    full_numbers=settings.log_full_numbers)
     try:
+        if args.command == "call":
+            return asyncio.run(cmd_call(settings, args))
         if args.command == "run":
             from agent.app import run_agent
 

@@ -20,6 +20,7 @@ from enum import Enum
 
 from agent import metrics
 from agent.backoff import Backoff
+from agent.batching import Batcher
 from agent.cache import RedisCache
 from agent.constants import Outcome
 from agent.errors import CacheUnavailable, StoreUnavailable
@@ -63,6 +64,9 @@ class OptOutPipeline:
         self._hangup_timeout = hangup_timeout
         self._inflight: set[str] = set()
         self._on_stored = on_stored
+        # Concurrent opt-outs share store transactions and Redis round trips (group commit).
+        self._store_batch: Batcher[OptOutRecord, StoreResult] = Batcher(store.record)
+        self._cache_batch: Batcher[OptOutRecord, None] | None = Batcher(cache.write_optouts) if cache else None
 
     @property
     def inflight(self) -> frozenset[str]:
@@ -88,7 +92,7 @@ class OptOutPipeline:
             if hangup is not None:
                 record = record.model_copy(update={"hangup": hangup})
             try:
-                [stored] = await self.store.record([record])
+                stored = await self._store_batch.submit(record)
             except StoreUnavailable as exc:
                 metrics.STORE_ERRORS.inc()
                 log.error(
@@ -127,9 +131,9 @@ class OptOutPipeline:
             metrics.OPTOUTS.labels(origin, stored.outcome.value if stored.outcome else "unknown").inc()
             if stored.newly_blacklisted:
                 metrics.BLACKLIST_ADDITIONS.inc()
-            if self.cache is not None:
+            if self._cache_batch is not None:
                 try:
-                    await self.cache.write_optout(record, counted=True)
+                    await self._cache_batch.submit(record)
                 except CacheUnavailable as exc:
                     metrics.CACHE_ERRORS.inc()
                     log.warning("Redis write failed for %s (reconciliation repairs it): %s", record.event_id, exc)
