@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
+import os
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from agent.app import Core
 from agent.constants import Origin, Source
 from agent.errors import CacheUnavailable, InvalidInput
-from agent.optout import BlacklistEntry, OptOutRecord
+from agent.optout import OptOutRecord
 from agent.phone import normalise
 from agent.pipeline import PipelineResult
 from agent.store import Removal
@@ -79,41 +83,66 @@ def read_numbers(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
         yield lineno, row[column] if column < len(row) else ""
 
 
+def _normalise_rows(region: str, rows: list[tuple[int, str]]) -> tuple[list[str], list[tuple[int, str]]]:
+    """(E.164 numbers, bad rows with their problem); runs in a worker process."""
+    good: list[str] = []
+    bad: list[tuple[int, str]] = []
+    for lineno, raw in rows:
+        try:
+            good.append(normalise(raw, region=region, field="phone"))
+        except InvalidInput as exc:
+            bad.append((lineno, str(exc)))
+    return good, bad
+
+
+def _chunks(rows: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    chunk: list[tuple[int, str]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 async def import_numbers(
-    core: Core, lines: Iterable[str], *, source: Source, reason: str, actor: str, batch_size: int = 50_000,
-    progress: Callable[[int], None] | None = None,
+    core: Core, lines: Iterable[str], *, source: Source, reason: str, actor: str, batch_size: int = 20_000,
+    progress: Callable[[int], None] | None = None, workers: int | None = None,
 ) -> ImportReport:
-    """Import numbers in batches: bad rows reported by line number, good rows stored, then cached."""
+    """Import numbers in batches: bad rows reported by line number, good rows stored, then cached.
+
+    Normalising is the costly part, so it runs in worker processes while the main process writes the
+    previous batch to PostgreSQL and Redis.
+    """
     report = ImportReport()
     region = core.settings.optout_default_region
     now = datetime.now(UTC)
-    batch: list[BlacklistEntry] = []
+    loop = asyncio.get_running_loop()
+    pending: deque[asyncio.Future[tuple[list[str], list[tuple[int, str]]]]] = deque()
+    with ProcessPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
 
-    async def flush() -> None:
-        added = await core.store.import_entries(batch, actor=actor)
-        report.added += added
-        report.already += len(batch) - added
-        if core.cache is not None and report.cache_error is None:
-            try:
-                await core.cache.add_entries(batch)
-            except CacheUnavailable as exc:
-                report.cache_error = str(exc)
-        batch.clear()
-        if progress is not None:
-            progress(report.read)
+        async def write_oldest() -> None:
+            good, bad = await pending.popleft()
+            report.bad.extend(bad)
+            added = await core.store.import_numbers(good, added_at=now, reason=reason, source=source, actor=actor)
+            report.added += added
+            report.already += len(good) - added
+            if core.cache is not None and report.cache_error is None:
+                try:
+                    await core.cache.add_numbers(good, added_at=now, reason=reason, source=source)
+                except CacheUnavailable as exc:
+                    report.cache_error = str(exc)
+            if progress is not None:
+                progress(report.read)
 
-    for lineno, raw in read_numbers(lines):
-        report.read += 1
-        try:
-            e164 = normalise(raw, region=region, field="phone")
-        except InvalidInput as exc:
-            report.bad.append((lineno, str(exc)))
-            continue
-        batch.append(BlacklistEntry(phone_number=e164, added_at=now, reason=reason, source=source))
-        if len(batch) >= batch_size:
-            await flush()
-    if batch:
-        await flush()
+        for chunk in _chunks(read_numbers(lines), batch_size):
+            report.read += len(chunk)
+            pending.append(loop.run_in_executor(pool, _normalise_rows, region, chunk))
+            if len(pending) > 2:
+                await write_oldest()
+        while pending:
+            await write_oldest()
     return report
 
 

@@ -7,6 +7,7 @@ and the pre-dial check then asks the store instead (fail closed).
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from agent.constants import (
     ACTION_TTL_SECONDS,
     BLACKLIST_SET,
     BLACKLIST_SYNCED,
+    Source,
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
@@ -78,12 +80,26 @@ class RedisCache:
         await self._execute(pipe)
         return [None] * len(records)
 
-    async def add_entries(self, entries: Sequence[BlacklistEntry]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        if entries:
-            pipe.sadd(BLACKLIST_SET, *(e.phone_number for e in entries))
-            pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
-        await self._execute(pipe)
+    async def add_numbers(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, chunk: int = 5000
+    ) -> None:
+        """Bulk form of add_entries for numbers sharing one addedAt, reason and source (imports)."""
+        common = json.dumps({"addedAt": added_at.isoformat(), "reason": reason, "source": source.value})[1:]
+        for i in range(0, len(numbers), chunk):
+            part = numbers[i : i + chunk]
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(BLACKLIST_SET, *part)
+            pipe.mset({blacklist_entry_key(n): f'{{"phoneNumber":"{n}",{common}' for n in part})
+            await self._execute(pipe)
+
+    async def add_entries(self, entries: Sequence[BlacklistEntry], *, chunk: int = 5000) -> None:
+        """Set membership and entries, in pipelined chunks small enough for the socket timeout."""
+        for i in range(0, len(entries), chunk):
+            part = entries[i : i + chunk]
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.sadd(BLACKLIST_SET, *(e.phone_number for e in part))
+            pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in part})
+            await self._execute(pipe)
 
     async def remove(self, phone_number: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -120,10 +136,12 @@ class RedisCache:
         try:
             await self._redis.delete(tmp)
             async for batch in store.entries(batch_size=batch_size):
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.sadd(tmp, *(e.phone_number for e in batch))
-                pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in batch})
-                await pipe.execute()
+                for i in range(0, len(batch), 5000):
+                    part = batch[i : i + 5000]
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.sadd(tmp, *(e.phone_number for e in part))
+                    pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in part})
+                    await pipe.execute()
                 total += len(batch)
             if total:
                 await self._redis.rename(tmp, BLACKLIST_SET)

@@ -14,7 +14,7 @@ from importlib import resources
 from types import TracebackType
 from typing import Any, Self
 
-from agent.constants import Origin, Outcome
+from agent.constants import Origin, Outcome, Source
 from agent.optout import BlacklistEntry, OptOutRecord
 
 
@@ -132,8 +132,10 @@ class Store(ABC):
         """Stream the blacklist in batches (entries added at or after `since`, when given)."""
 
     @abstractmethod
-    async def import_entries(self, entries: Sequence[BlacklistEntry], *, actor: str) -> int:
-        """Add entries in bulk (admin import), each audited; returns how many were new."""
+    async def import_numbers(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
+    ) -> int:
+        """Add E.164 numbers in bulk (admin import), each new one audited; returns how many were new."""
 
     @abstractmethod
     async def history(self, phone_number: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from agent.constants import TABLE_SCHEMA_VERSION, Outcome
+from agent.constants import TABLE_SCHEMA_VERSION, Outcome, Source
 from agent.errors import StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import ACTION_COLUMNS, Removal, Store, StoreResult, action_params, migrations
@@ -174,37 +174,37 @@ class PostgresStore(Store):
                     for r in rows
                 ]
 
-    async def import_entries(self, entries: Sequence[BlacklistEntry], *, actor: str) -> int:
-        if not entries:
+    async def import_numbers(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
+    ) -> int:
+        if not numbers:
             return 0
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
         now = datetime.now(UTC)
         async with self._tx() as conn:
             await conn.execute(
-                "CREATE TEMP TABLE import_stage (phone_number text, added_at timestamptz, reason text,"
-                " source text) ON COMMIT DROP"
+                "CREATE TEMP TABLE import_stage (phone_number text) ON COMMIT DROP"
             )
-            async with conn.cursor().copy(
-                "COPY import_stage (phone_number, added_at, reason, source) FROM STDIN"
-            ) as copy:
-                for e in entries:
-                    await copy.write_row((e.phone_number, e.added_at, e.reason, e.source.value))
+            async with conn.cursor().copy("COPY import_stage (phone_number) FROM STDIN") as copy:
+                await copy.write("".join(f"{n}\n" for n in numbers))
             cur = await conn.execute(
                 """
                 WITH new AS (
                     INSERT INTO blacklist (phone_number, added_at, reason, source)
-                    SELECT DISTINCT ON (phone_number) phone_number, added_at, reason, source FROM import_stage
+                    SELECT DISTINCT phone_number, %(added_at)s, %(reason)s, %(source)s FROM import_stage
                     ON CONFLICT (phone_number) DO NOTHING
-                    RETURNING phone_number, reason, source
+                    RETURNING phone_number
                 ), audit AS (
                     INSERT INTO optout_actions (event_id, phone_number, origin, source, received_at, outcome,
                                                 actor, reason)
-                    SELECT %s || phone_number, phone_number, 'admin', source, %s, 'blacklisted', %s, reason
+                    SELECT %(prefix)s || phone_number, phone_number, 'admin', %(source)s, %(now)s, 'blacklisted',
+                           %(actor)s, %(reason)s
                     FROM new
                 )
                 SELECT count(*) FROM new
                 """,
-                (prefix, now, actor),
+                {"prefix": prefix, "now": now, "actor": actor, "added_at": added_at, "reason": reason,
+                 "source": source.value},
             )
             row = await cur.fetchone()
         return int(row[0]) if row else 0

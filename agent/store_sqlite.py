@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.constants import TABLE_SCHEMA_VERSION, Outcome
+from agent.constants import TABLE_SCHEMA_VERSION, Outcome, Source
 from agent.errors import StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import ACTION_COLUMNS, Removal, Store, StoreResult, action_params, migrations
@@ -193,28 +193,31 @@ class SqliteStore(Store):
             (after, since, since, limit),
         ).fetchall()
 
-    async def import_entries(self, entries: Sequence[BlacklistEntry], *, actor: str) -> int:
-        return await self._run(self._import, list(entries), actor)
+    async def import_numbers(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
+    ) -> int:
+        return await self._run(self._import, list(numbers), _ts(added_at), reason, source.value, actor)
 
     @staticmethod
-    def _import(conn: sqlite3.Connection, entries: list[BlacklistEntry], actor: str) -> int:
+    def _import(conn: sqlite3.Connection, numbers: list[str], added_at: str, reason: str, source: str,
+                actor: str) -> int:
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
         now = _ts(datetime.now(UTC))
         new = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for e in entries:
+            for number in numbers:
                 cur = conn.execute(
                     "INSERT INTO blacklist (phone_number, added_at, reason, source) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (phone_number) DO NOTHING",
-                    (e.phone_number, _ts(e.added_at), e.reason, e.source.value),
+                    (number, added_at, reason, source),
                 )
                 if cur.rowcount == 1:
                     new += 1
                     conn.execute(
                         "INSERT INTO optout_actions (event_id, phone_number, origin, source, received_at, outcome,"
                         " actor, reason) VALUES (?, ?, 'admin', ?, ?, 'blacklisted', ?, ?)",
-                        (prefix + e.phone_number, e.phone_number, e.source.value, now, actor, e.reason),
+                        (prefix + number, number, source, now, actor, reason),
                     )
             conn.execute("COMMIT")
         except BaseException:

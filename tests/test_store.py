@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from agent.constants import Origin, Outcome, Source
-from agent.optout import BlacklistEntry, OptOutRecord
+from agent.optout import OptOutRecord
 from agent.store import Removal, Store
 from agent.store_postgres import PostgresStore
 from tests.conftest import make_record
@@ -82,13 +82,10 @@ async def test_redelivered_event_after_removal_does_not_relist(store: Store) -> 
 
 async def test_import_adds_new_numbers_and_audits_each(store: Store) -> None:
     await store.record([make_record("+972501234567")])
-    now = datetime.now(UTC)
-    entries = [
-        BlacklistEntry(phone_number=n, added_at=now, reason="imported", source=Source.ADMIN_IMPORT)
-        for n in ("+972501234567", "+972501234568", "+972501234569")
-    ]
-    assert await store.import_entries(entries, actor="bob") == 2
-    assert len(await store.blacklisted([e.phone_number for e in entries])) == 3
+    numbers = ["+972501234567", "+972501234568", "+972501234569", "+972501234569"]
+    assert await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="imported",
+                                      source=Source.ADMIN_IMPORT, actor="bob") == 2
+    assert len(await store.blacklisted(numbers)) == 3
     [row] = await store.history("+972501234568")
     assert row["origin"] == "admin" and row["actor"] == "bob"
 
@@ -100,10 +97,8 @@ async def test_audit_export_filters_by_campaign_and_prefix(store: Store) -> None
 
 
 async def test_entries_stream_in_batches(store: Store) -> None:
-    now = datetime.now(UTC)
-    entries = [BlacklistEntry(phone_number=f"+97250{i:07d}", added_at=now, reason="r", source=Source.COMPLIANCE)
-               for i in range(2500)]
-    await store.import_entries(entries, actor="t")
+    numbers = [f"+97250{i:07d}" for i in range(2500)]
+    await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE, actor="t")
     batches = [b async for b in store.entries(batch_size=1000)]
     assert [len(b) for b in batches] == [1000, 1000, 500]
 
