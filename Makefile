@@ -51,6 +51,8 @@ bench: install services asterisk
 	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_ari.py
 	$(PY) tests/bench/bench_pipeline.py
 	$(PY) tests/bench/bench_precheck.py
+	$(PY) tests/bench/bench_import.py
+	$(PY) tests/bench/bench_sns.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ from agent.http import AgentHttp
 from agent.journal import Journal
 from agent.pipeline import OptOutPipeline, Replayer
 from agent.precheck import BlacklistChecker, CacheReconciler
+from agent.publisher import SnsPublisher
 from agent.settings import Settings
 from agent.store import Store
 from agent.store_postgres import PostgresStore
@@ -46,14 +47,16 @@ def make_store(settings: Settings) -> Store:
     return SqliteStore(settings.optout_db_path)
 
 
-async def open_core(settings: Settings, stack: AsyncExitStack, *, publish: bool = False) -> Core:
-    """Open the journal, store and cache (closed by `stack`)."""
+async def open_core(
+    settings: Settings, stack: AsyncExitStack, *, publish: bool = False, on_stored: Callable[[], None] | None = None
+) -> Core:
+    """Open the journal, store and cache (closed by `stack`); `publish` keeps journal rows for the SNS outbox."""
     journal = await stack.enter_async_context(Journal(settings.optout_journal_path, publish=publish))
     store = await stack.enter_async_context(make_store(settings))
     cache = None
     if settings.redis_dsn is not None:
         cache = await stack.enter_async_context(RedisCache(settings.redis_dsn))
-    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache)
+    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache, on_stored=on_stored)
     checker = BlacklistChecker(store=store, cache=cache, region=settings.optout_default_region)
     return Core(settings, store, cache, journal, pipeline, checker)
 
@@ -72,7 +75,7 @@ def make_ari(settings: Settings, core: Core) -> AriAgent | None:
     )
 
 
-async def _migrate_until_done(store: Store) -> None:
+async def migrate_until_done(store: Store) -> None:
     """Create/upgrade the schema, retrying while the store is down (the journal holds opt-outs meanwhile)."""
     backoff = Backoff("store migration", initial=0.5, maximum=10.0, logger=log)
     while True:
@@ -92,7 +95,18 @@ async def run_agent(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        core = await open_core(settings, stack)
+        publisher: SnsPublisher | None = None
+
+        def nudge_publisher() -> None:
+            if publisher is not None:
+                publisher.wake()
+
+        core = await open_core(settings, stack, publish=settings.optout_events_topic_arn is not None,
+                               on_stored=nudge_publisher)
+        publisher = await stack.enter_async_context(SnsPublisher(
+            journal=core.journal, topic_arn=settings.optout_events_topic_arn, region=settings.aws_region,
+            endpoint_url=settings.aws_endpoint_url,
+        ))
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
         ready: dict[str, Callable[[], bool]] = {"journal": lambda: True}
         if core.cache is None:
@@ -112,8 +126,9 @@ async def run_agent(settings: Settings) -> int:
         )
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(_migrate_until_done(core.store), name="store-migrate"),
+                tg.create_task(migrate_until_done(core.store), name="store-migrate"),
                 tg.create_task(replayer.run(), name="journal-replayer"),
+                tg.create_task(publisher.run(), name="sns-publisher"),
             ]
             if core.cache is not None:
                 reconciler = CacheReconciler(
@@ -128,17 +143,17 @@ async def run_agent(settings: Settings) -> int:
             if ari is not None:
                 await ari.stop_accepting()
                 await ari.drain(within=5.0)
-            await _drain_inflight(core, within=5.0)
+            await drain_inflight(core.pipeline, within=5.0)
             for task in tasks:
                 task.cancel()
     log.info("agent stopped")
     return 0
 
 
-async def _drain_inflight(core: Core, *, within: float) -> None:
+async def drain_inflight(pipeline: OptOutPipeline, *, within: float) -> None:
     """Wait until the pipeline has nothing in flight (what is left stays journaled for the next start)."""
     deadline = asyncio.get_running_loop().time() + within
-    while core.pipeline.inflight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a set
+    while pipeline.inflight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a set
         await asyncio.sleep(0.02)
-    if core.pipeline.inflight:
-        log.warning("%d opt-outs still in flight at shutdown; they stay journaled", len(core.pipeline.inflight))
+    if pipeline.inflight:
+        log.warning("%d opt-outs still in flight at shutdown; they stay journaled", len(pipeline.inflight))

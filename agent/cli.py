@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optout", description="Opt-out blacklist and agent (press 9 to stop calls).")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the agent (ARI, AGI, AMI, HTTP)")
+    sub.add_parser("bridge", help="run the SNS bridge (HTTP endpoint, SQS poller, journal replayer)")
     sub.add_parser("migrate", help="create or upgrade the schema")
     c = sub.add_parser("check", help="pre-dial check: exit 0 all clear, 1 any blacklisted, 2 error")
     c.add_argument("numbers", nargs="+", metavar="NUMBER")
@@ -214,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "call":
             return asyncio.run(cmd_call(settings, args))
+        if args.command == "bridge":
+            from sns_bridge.app import run_bridge
+
+            return asyncio.run(run_bridge(settings))
         if args.command == "run":
             from agent.app import run_agent
 

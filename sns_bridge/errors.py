@@ -6,18 +6,24 @@ Hierarchy::
     ├── SnsMessageInvalid            the body is not an SNS message: a field is missing or
     │                                not a string, Type is unknown, Timestamp or TopicArn
     │                                does not parse
+    ├── EventRejected                the SNS message is fine, but its Message is not a valid
+    │                                opt-out (not JSON, a field missing, an invalid number)
+    ├── ConfirmationFailed           the SubscribeURL could not be fetched (transient)
+    ├── NotStored                    Lambda: opt-outs not in the store yet (raised so Lambda retries)
     └── SnsVerificationError         well-formed, but not proven to come from an allowed topic
         ├── TopicNotAllowed          TopicArn is not in the allow-list
         ├── MessageNotFresh          Timestamp is too old or too far in the future
         ├── UrlRejected              SigningCertURL or SubscribeURL is not an SNS endpoint
         ├── CertificateUnavailable   the signing certificate could not be fetched or used
+        ├── CertificateRefused       the certificate host redirected or answered 4xx
         ├── SignatureInvalid         unsupported SignatureVersion, Signature not base64, or
         │                            the signature does not match the message
         └── HeaderMismatch           an x-amz-sns-* header disagrees with the body
 
 SNS drops a message for good when the endpoint answers 4xx and retries on 5xx. Only
-``CertificateUnavailable`` can be transient (network trouble on the certificate fetch);
-every other error is permanent.
+``CertificateUnavailable`` and ``ConfirmationFailed`` can be transient (network trouble);
+every other error is permanent. A failure to make an opt-out durable is the agent's
+``JournalError``, also answered 5xx.
 """
 
 
@@ -58,3 +64,30 @@ class SignatureInvalid(SnsVerificationError):
 
 class HeaderMismatch(SnsVerificationError):
     """An ``x-amz-sns-*`` request header disagrees with the message body."""
+
+
+class CertificateRefused(SnsVerificationError):
+    """The certificate host answered with a redirect or a 4xx: no certificate will come from there.
+
+    Raised by the response hook of ``sns_bridge.http.certificate_client``; permanent (answer 4xx).
+    """
+
+
+class EventRejected(BridgeError):
+    """The notification's Message is not a valid opt-out; ``field`` names where the problem is."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"Message field {field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class ConfirmationFailed(BridgeError):
+    """Fetching the SubscribeURL failed; SNS retries the SubscriptionConfirmation on 5xx."""
+
+
+class NotStored(BridgeError):
+    """Lambda only: some opt-outs are not in the store yet. Raised so that Lambda retries the invocation.
+
+    A Lambda's journal lives in /tmp, which outlives no cold start, so there success means stored.
+    """

@@ -1,0 +1,190 @@
+"""Publishing opt-outs to SNS from the journal (the outbox): at least once, never on the hangup path.
+
+Every record the journal holds unpublished (the agent opens it with `publish=True`) goes to
+OPTOUT_EVENTS_TOPIC_ARN as the event JSON (`OptOutRecord.event_json()`) with the message attributes
+`origin=optout-agent` and `eventType=optout`, ten to a PublishBatch, and is marked published once SNS
+has accepted it. While SNS is unreachable the rows stay and the publisher retries with Backoff; after a
+restart it carries on from the journal. A row whose response was lost is published again: consumers
+dedupe by eventId. SNS-origin records are marked published without being sent (no loops).
+
+One aiobotocore client for the publisher's life, with short timeouts and botocore's standard retries;
+AWS_ENDPOINT_URL (Settings.aws_endpoint_url) points it at an emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent import metrics
+from agent.backoff import Backoff
+from agent.constants import SNS_ORIGIN_ATTRIBUTE, Origin
+from agent.errors import OptOutError
+from agent.journal import Journal
+from agent.optout import OptOutRecord
+
+log = logging.getLogger("agent.publisher")
+
+EVENT_TYPE = "optout"
+_BATCH_MAX = 10  # SNS PublishBatch takes at most ten entries
+
+
+class PublishUnavailable(OptOutError):
+    """SNS refused or could not be reached; the records stay in the outbox and are retried."""
+
+
+class SnsPublisher:
+    """Drains the journal's outbox into an SNS topic (async context manager; `run()` until cancelled).
+
+    With `topic_arn=None` publishing is off: `run()` says so once and returns.
+    """
+
+    def __init__(
+        self,
+        *,
+        journal: Journal,
+        topic_arn: str | None,
+        region: str,
+        endpoint_url: str | None = None,
+        poll_interval: float = 5.0,
+        parallel_batches: int = 4,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        max_attempts: int = 3,
+        session: AioSession | None = None,
+    ) -> None:
+        self._journal = journal
+        self._topic_arn = topic_arn
+        self._region = region
+        self._endpoint_url = endpoint_url
+        self._poll_interval = poll_interval
+        self._parallel = max(1, parallel_batches)
+        self._config = AioConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"mode": "standard", "max_attempts": max_attempts},
+        )
+        self._session = session
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._wake = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return self._topic_arn is not None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the SNS client (no network yet). Does nothing when publishing is off."""
+        if self._stack is not None or self._topic_arn is None:
+            return
+        stack = AsyncExitStack()
+        session = self._session or get_session()
+        self._client = await stack.enter_async_context(
+            session.create_client(
+                "sns", region_name=self._region, endpoint_url=self._endpoint_url, config=self._config
+            )
+        )
+        self._stack = stack
+
+    async def close(self) -> None:
+        """Close the client. Safe to call twice."""
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            self._client = None
+            await stack.aclose()
+
+    def wake(self) -> None:
+        """Publish now rather than at the next poll (the agent calls this after each opt-out)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish until cancelled: on wake(), every poll interval, and with backoff while SNS is unreachable."""
+        if self._topic_arn is None:
+            log.info("OPTOUT_EVENTS_TOPIC_ARN is not set: publishing opt-outs to SNS is off")
+            return
+        if self._client is None:
+            raise RuntimeError("SnsPublisher.run() before open()")
+        log.info("publishing opt-outs to %s", self._topic_arn)
+        backoff = Backoff("SNS publish", initial=0.5, maximum=30.0, logger=log)
+        while True:
+            self._wake.clear()
+            try:
+                await self.publish_pending()
+            except PublishUnavailable as exc:
+                # Not cut short by wake(): every new opt-out would otherwise hammer an SNS that is down.
+                await asyncio.sleep(backoff.delay(exc))
+                continue
+            backoff.reset()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+
+    async def publish_pending(self) -> int:
+        """Publish everything the outbox holds; returns how many SNS accepted. Raises PublishUnavailable."""
+        done = 0
+        while True:
+            records = await self._journal.unpublished(_BATCH_MAX * self._parallel)
+            if not records:
+                return done
+            own = [r.event_id for r in records if r.origin is Origin.SNS]
+            if own:
+                await self._journal.mark_published(own)
+            outgoing = [r for r in records if r.origin is not Origin.SNS]
+            batches = [outgoing[i : i + _BATCH_MAX] for i in range(0, len(outgoing), _BATCH_MAX)]
+            results = await asyncio.gather(*(self._publish_batch(b) for b in batches), return_exceptions=True)
+            accepted = [event_id for r in results if isinstance(r, list) for event_id in r]
+            if accepted:
+                await self._journal.mark_published(accepted)
+                metrics.PUBLISHED.inc(len(accepted))
+                done += len(accepted)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, PublishUnavailable):
+                    raise failure
+            if failures or len(accepted) < len(outgoing):
+                raise PublishUnavailable(f"{len(outgoing) - len(accepted)} of {len(outgoing)} not accepted: {failures}")
+
+    async def _publish_batch(self, records: Sequence[OptOutRecord]) -> list[str]:
+        """PublishBatch one chunk; returns the event ids SNS accepted."""
+        entries = [
+            {
+                "Id": f"m{i}",  # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
+                "Message": json.dumps(record.event_json(), separators=(",", ":")),
+                "MessageAttributes": {
+                    "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
+                    "eventType": {"DataType": "String", "StringValue": EVENT_TYPE},
+                },
+            }
+            for i, record in enumerate(records)
+        ]
+        try:
+            response = await self._client.publish_batch(TopicArn=self._topic_arn, PublishBatchRequestEntries=entries)
+        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+            metrics.PUBLISH_ERRORS.inc()
+            raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
+        by_id = {f"m{i}": record.event_id for i, record in enumerate(records)}
+        for failed in response.get("Failed", []):
+            metrics.PUBLISH_ERRORS.inc()
+            log.error(
+                "SNS refused opt-out %s: %s %s (sender fault: %s); it stays in the outbox",
+                by_id.get(failed.get("Id", "")), failed.get("Code"), failed.get("Message"), failed.get("SenderFault"),
+            )
+        return [by_id[ok["Id"]] for ok in response.get("Successful", []) if ok.get("Id") in by_id]

@@ -1,0 +1,174 @@
+"""The SQS poller: opt-outs from an SNS -> SQS subscription, in envelope or raw delivery.
+
+Long polling, ten messages at a time, handled concurrently. A message is deleted only once its opt-out
+is durable (recorded, journaled or a duplicate) or was skipped as an agent's own event. A message that
+is not a valid opt-out is logged and left alone: the queue's redrive policy moves it to the dead-letter
+queue after maxReceiveCount receives. While a batch is being worked on, its visibility is extended.
+
+Trust: SQS envelopes are not signature-checked. Only principals the queue's IAM policy admits (the
+topic, through `aws:SourceArn`) can send to it, so that policy is the trust boundary; a SigningCertURL
+could not be fetched from every deployment anyway (emulators point it at real AWS). When
+BRIDGE_TOPIC_ARNS is set, envelopes from other topics are still refused, as a second check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.backoff import Backoff
+from agent.errors import JournalError
+from sns_bridge.errors import EventRejected
+from sns_bridge.handler import BridgeHandler, Handled, attribute_values
+
+log = logging.getLogger("sns_bridge.sqs")
+
+_AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class Notification:
+    """What the handler needs from one SQS message."""
+
+    message_id: str | None
+    message: str
+    attributes: dict[str, str]
+    topic_arn: str | None
+
+
+def unwrap(body: str, sqs_attributes: Mapping[str, Any] | None) -> Notification:
+    """Read an SQS body as an SNS envelope (a Notification object) or, failing that, as raw delivery."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and data.get("Type") == "Notification" and isinstance(data.get("Message"), str):
+        message_id = data.get("MessageId")
+        topic_arn = data.get("TopicArn")
+        return Notification(
+            message_id=message_id if isinstance(message_id, str) else None,
+            message=data["Message"],
+            attributes=attribute_values(data.get("MessageAttributes")),
+            topic_arn=topic_arn if isinstance(topic_arn, str) else None,
+        )
+    # Raw delivery: the body is the event; SNS's attributes arrive as SQS message attributes and the
+    # SNS MessageId is gone (the pipeline still dedupes by eventId).
+    return Notification(message_id=None, message=body, attributes=attribute_values(sqs_attributes), topic_arn=None)
+
+
+class SqsPoller:
+    """Polls one queue until cancelled. `client` is an aiobotocore SQS client, the caller's to close."""
+
+    def __init__(
+        self, *, handler: BridgeHandler, client: Any, queue_url: str, allowed_topic_arns: frozenset[str] = frozenset(),
+        wait_seconds: int = 20, visibility_timeout: int = 30, batch_size: int = 10,
+    ) -> None:
+        self._handler = handler
+        self._client = client
+        self._queue_url = queue_url
+        self._allowed = allowed_topic_arns
+        self._wait = wait_seconds
+        self._visibility = visibility_timeout
+        self._batch = min(10, max(1, batch_size))
+
+    async def run(self) -> None:
+        """Receive and handle batches until cancelled, with backoff while SQS is unreachable."""
+        backoff = Backoff("SQS receive", initial=0.5, maximum=30.0, logger=log)
+        log.info("polling %s", self._queue_url)
+        while True:
+            try:
+                await self.poll_once()
+            except _AWS_ERRORS as exc:
+                await asyncio.sleep(backoff.delay(exc))
+                continue
+            backoff.reset()
+
+    async def poll_once(self, *, wait_seconds: int | None = None) -> int:
+        """Receive one batch and handle it; returns how many messages were deleted. Raises botocore errors."""
+        response = await self._client.receive_message(
+            QueueUrl=self._queue_url,
+            MaxNumberOfMessages=self._batch,
+            WaitTimeSeconds=self._wait if wait_seconds is None else wait_seconds,
+            VisibilityTimeout=self._visibility,
+            MessageAttributeNames=["All"],
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+        messages: list[dict[str, Any]] = response.get("Messages", [])
+        if not messages:
+            return 0
+        pending = {m["ReceiptHandle"] for m in messages}
+        heartbeat = asyncio.create_task(self._keep_invisible(messages, pending), name="sqs-visibility")
+        try:
+            outcomes = await asyncio.gather(*(self._handle(m, pending) for m in messages))
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        done = [m for m, ok in zip(messages, outcomes, strict=True) if ok]
+        if done:
+            await self._delete(done)
+        return len(done)
+
+    async def _handle(self, sqs_message: Mapping[str, Any], pending: set[str]) -> bool:
+        """Handle one message; True when it may be deleted."""
+        try:
+            note = unwrap(sqs_message.get("Body", ""), sqs_message.get("MessageAttributes"))
+            receives = sqs_message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
+            if self._allowed and note.topic_arn is not None and note.topic_arn not in self._allowed:
+                log.error(
+                    "SQS message %s comes from topic %s, not in BRIDGE_TOPIC_ARNS; left for the redrive policy",
+                    sqs_message.get("MessageId"), note.topic_arn,
+                )
+                return False
+            try:
+                handled: Handled = await self._handler.apply(
+                    message_id=note.message_id, message=note.message, attributes=note.attributes
+                )
+            except EventRejected as exc:
+                log.error(
+                    "SQS message %s is not a valid opt-out (receive %s); left for the redrive policy: %s",
+                    sqs_message.get("MessageId"), receives, exc,
+                )
+                return False
+            except JournalError as exc:
+                log.error("SQS message %s not made durable; SQS redelivers it: %s", sqs_message.get("MessageId"), exc)
+                return False
+            log.debug("SQS message %s: %s", sqs_message.get("MessageId"), handled.disposition.value)
+            return True
+        finally:
+            pending.discard(sqs_message["ReceiptHandle"])
+
+    async def _keep_invisible(self, messages: Sequence[Mapping[str, Any]], pending: set[str]) -> None:
+        """Every half visibility timeout, extend the visibility of the messages still being worked on."""
+        while True:
+            await asyncio.sleep(self._visibility / 2)
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": self._visibility}
+                for i, m in enumerate(messages)
+                if m["ReceiptHandle"] in pending
+            ]
+            if not entries:
+                return
+            try:
+                await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
+            except _AWS_ERRORS as exc:
+                log.warning("extending visibility of %d SQS messages failed: %s", len(entries), exc)
+
+    async def _delete(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+        try:
+            response = await self._client.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
+        except _AWS_ERRORS as exc:
+            # Durable already: a redelivery is recognised by MessageId / eventId.
+            log.warning("deleting %d handled SQS messages failed; they will come back as duplicates: %s",
+                        len(entries), exc)
+            return
+        for failed in response.get("Failed", []):
+            log.warning("deleting SQS message %s failed: %s", failed.get("Id"), failed.get("Message"))
