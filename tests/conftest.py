@@ -116,3 +116,24 @@ def make_record(number: str = "+972501234567", *, event_id: str | None = None, c
         pressed_at=datetime(2024, 1, 15, 10, 30, tzinfo=UTC),
         received_at=datetime.now(UTC),
     )
+
+
+# --- Everything the suite logs, as the agent formats it, for tests/test_zz_logs.py to scan -----------------
+SUITE_LOG = Path(__file__).resolve().parents[1] / ".run" / "suite-logs.jsonl"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import logging
+
+    from agent.logs import JsonFormatter
+
+    if getattr(config, "workerinput", None) is not None:
+        return
+    SUITE_LOG.parent.mkdir(exist_ok=True)
+    SUITE_LOG.write_text("")
+    handler = logging.FileHandler(SUITE_LOG, encoding="utf-8")
+    handler.setFormatter(JsonFormatter(full_numbers=False))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)

@@ -1,0 +1,61 @@
+"""Fuzzing the parsers with hypothesis: only clear errors (naming a field), never a crash."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.constants import Origin
+from agent.errors import InvalidInput, InvalidPhoneNumber
+from agent.optout import parse_event, record_from_event
+from agent.phone import normalise
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=20,
+)
+event_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "callId": json_values, "campaignId": json_values, "contactId": json_values, "dtmfInput": json_values,
+        "timestamp": json_values | st.datetimes().map(lambda d: d.isoformat()), "eventId": json_values,
+        "phoneNumber": json_values | st.from_regex(r"\+?[0-9 ()-]{0,20}", fullmatch=True),
+    },
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(json_values, event_like))
+def test_any_event_is_accepted_or_refused_with_a_named_field(data: Any) -> None:
+    for candidate in (data, json.dumps(data)):
+        try:
+            record = record_from_event(parse_event(candidate), origin=Origin.SNS, region="IL")
+        except InvalidInput as exc:
+            assert exc.field and str(exc).startswith(f"field {exc.field}:")
+        else:
+            assert record.phone_number and record.phone_number.startswith("+")
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=80), st.sampled_from(["US", "IL", "GB", "DE", "ZZ"]))
+def test_any_text_normalises_or_is_refused(raw: str, region: str) -> None:
+    try:
+        e164 = normalise(raw, region=region)
+    except InvalidPhoneNumber as exc:
+        assert exc.field == "phoneNumber"
+    else:
+        assert e164.startswith("+") and e164[1:].isdigit()
+        assert normalise(e164, region="US") == e164  # E.164 is a fixed point
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=200))
+def test_any_bytes_as_event_json_are_refused_cleanly(raw: bytes) -> None:
+    try:
+        parse_event(raw)
+    except InvalidInput:
+        pass
