@@ -51,6 +51,7 @@ bench: install services asterisk
 	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_ari.py
 	$(PY) tests/bench/bench_pipeline.py
 	$(PY) tests/bench/bench_precheck.py
+	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_agi_ami.py
 	$(PY) tests/bench/bench_import.py
 	$(PY) tests/bench/bench_sns.py
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from agent.agi import AgiServer
+from agent.ami import AmiAgent
 from agent.ari import AriAgent
 from agent.backoff import Backoff
 from agent.cache import RedisCache
@@ -61,6 +63,19 @@ async def open_core(
     return Core(settings, store, cache, journal, pipeline, checker)
 
 
+async def supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run a background task; an unexpected error is logged and the task restarted with backoff, so one
+    broken part (a library raising something new) never takes the whole agent down with it."""
+    backoff = Backoff(f"task {name}", initial=0.5, maximum=10.0, logger=log)
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            log.exception("background task %s failed; restarting it", name)
+            await asyncio.sleep(backoff.delay())
+
+
 def make_ari(settings: Settings, core: Core) -> AriAgent | None:
     """The ARI agent, when enabled and given a password (ARI_PASSWORD or ARI_PASSWORD_FILE)."""
     if not settings.ari_enabled:
@@ -73,6 +88,24 @@ def make_ari(settings: Settings, core: Core) -> AriAgent | None:
         app=settings.ari_app, digit=settings.optout_digit, region=settings.optout_default_region,
         pipeline=core.pipeline,
     )
+
+
+def make_agi(settings: Settings, core: Core) -> AgiServer | None:
+    """The FastAGI server (routes `optout` and `precheck`), unless AGI_ENABLED is false."""
+    if not settings.agi_enabled:
+        return None
+    return AgiServer(host=settings.agi_host, port=settings.agi_port, digit=settings.optout_digit,
+                     region=settings.optout_default_region, pipeline=core.pipeline, checker=core.checker)
+
+
+def make_ami(settings: Settings, core: Core) -> AmiAgent | None:
+    """The AMI DTMF watcher, when AMI_HOST, AMI_USERNAME and AMI_SECRET are all set."""
+    if not (settings.ami_host and settings.ami_username and settings.ami_secret):
+        return None
+    return AmiAgent(host=settings.ami_host, port=settings.ami_port, username=settings.ami_username,
+                    secret=settings.ami_secret.get_secret_value(),
+                    contexts=settings.ami_contexts or frozenset({"optout-plain-ivr"}),
+                    digit=settings.optout_digit, region=settings.optout_default_region, pipeline=core.pipeline)
 
 
 async def migrate_until_done(store: Store) -> None:
@@ -115,6 +148,14 @@ async def run_agent(settings: Settings) -> int:
         if ari is not None:
             await stack.enter_async_context(ari)
             ready["ari"] = lambda: ari.connected
+        agi = make_agi(settings, core)
+        if agi is not None:
+            await stack.enter_async_context(agi)  # binds now: a taken port is an error at start
+            ready["agi"] = lambda: agi.listening
+        ami = make_ami(settings, core)
+        if ami is not None:
+            await stack.enter_async_context(ami)
+            ready["ami"] = lambda: ami.connected
         await stack.enter_async_context(
             AgentHttp(
                 host=settings.agent_http_host,
@@ -126,23 +167,27 @@ async def run_agent(settings: Settings) -> int:
         )
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(migrate_until_done(core.store), name="store-migrate"),
-                tg.create_task(replayer.run(), name="journal-replayer"),
-                tg.create_task(publisher.run(), name="sns-publisher"),
+                tg.create_task(supervised("store-migrate", lambda: migrate_until_done(core.store)),
+                               name="store-migrate"),
+                tg.create_task(supervised("journal-replayer", replayer.run), name="journal-replayer"),
+                tg.create_task(supervised("sns-publisher", publisher.run), name="sns-publisher"),
             ]
             if core.cache is not None:
                 reconciler = CacheReconciler(
                     store=core.store, cache=core.cache, interval=settings.reconcile_interval_seconds
                 )
-                tasks.append(tg.create_task(reconciler.run(), name="cache-reconciler"))
+                tasks.append(tg.create_task(supervised("cache-reconciler", reconciler.run), name="cache-reconciler"))
             if ari is not None:
-                tasks.append(tg.create_task(ari.run(), name="ari-listener"))
+                tasks.append(tg.create_task(supervised("ari-listener", ari.run), name="ari-listener"))
+            if ami is not None:
+                tasks.append(tg.create_task(supervised("ami-listener", ami.run), name="ami-listener"))
             log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None})
             await stop.wait()
             log.info("stopping: finishing in-flight opt-outs")
-            if ari is not None:
-                await ari.stop_accepting()
-                await ari.drain(within=5.0)
+            for intake in (x for x in (ari, agi, ami) if x is not None):
+                await intake.stop_accepting()
+            for intake in (x for x in (ari, agi, ami) if x is not None):
+                await intake.drain(within=5.0)
             await drain_inflight(core.pipeline, within=5.0)
             for task in tasks:
                 task.cancel()

@@ -29,7 +29,7 @@ log = logging.getLogger("agent.testcall")
 Via = Literal["sip", "local"]
 Ivr = Literal["ari", "agi", "plain"]
 IVR_CONTEXTS: dict[str, str] = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-plain-ivr"}
-OBSERVER_APP = "optout-testcall"
+OBSERVER_APP_PREFIX = "optout-testcall"
 
 
 def parse_ari_time(value: str) -> datetime:
@@ -73,13 +73,15 @@ class CallObserver:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._calls: dict[str, CallResult] = {}
+        # One app name per observer: Asterisk lets only one websocket hold an app name.
+        self._app = f"{OBSERVER_APP_PREFIX}-{uuid.uuid4().hex[:8]}"
 
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(headers=self._headers)
         ws_url = self._base.replace("http", "ws", 1) + "/ari/events"
         try:
             self._ws = await self._session.ws_connect(
-                ws_url, params={"app": OBSERVER_APP, "subscribeAll": "true"}, heartbeat=20
+                ws_url, params={"app": self._app, "subscribeAll": "true"}, heartbeat=20
             )
         except aiohttp.ClientError as exc:
             await self._session.close()

@@ -20,6 +20,7 @@ set -a
 . "$secrets"
 set +a
 export ARI_PASSWORD="${ARI_PASSWORD}" AMI_SECRET="${AMI_SECRET}" AGENT_API_TOKEN="${AGENT_API_TOKEN}"
+export AMI_HOST="${AMI_HOST:-127.0.0.1}" AMI_USERNAME="${AMI_USERNAME:-optout}"
 export OPTOUT_DB_PATH="${OPTOUT_DB_PATH:-.run/optout.db}" OPTOUT_JOURNAL_PATH="${OPTOUT_JOURNAL_PATH:-.run/optout-journal.db}"
 
 if [ -z "${ASTERISK_EXTERNAL:-}" ] && [ -x asterisk-docker/sandbox ]; then

@@ -16,7 +16,7 @@ import httpx
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from agent.app import drain_inflight, migrate_until_done, open_core
+from agent.app import drain_inflight, migrate_until_done, open_core, supervised
 from agent.errors import ConfigError
 from agent.pipeline import Replayer
 from agent.settings import Settings
@@ -94,10 +94,11 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
             )
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(replayer.run(), name="journal-replayer"),
-                     tg.create_task(migrate_until_done(core.store), name="store-migrate")]
+            tasks = [tg.create_task(supervised("journal-replayer", replayer.run), name="journal-replayer"),
+                     tg.create_task(supervised("store-migrate", lambda: migrate_until_done(core.store)),
+                                    name="store-migrate")]
             if poller is not None:
-                tasks.append(tg.create_task(poller.run(), name="sqs-poller"))
+                tasks.append(tg.create_task(supervised("sqs-poller", poller.run), name="sqs-poller"))
             log.info("bridge running", extra={"http": settings.bridge_http_port != 0, "sqs": poller is not None})
             await stop.wait()
             log.info("stopping: finishing in-flight opt-outs")

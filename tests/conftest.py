@@ -133,7 +133,6 @@ def pytest_configure(config: pytest.Config) -> None:
     SUITE_LOG.write_text("")
     handler = logging.FileHandler(SUITE_LOG, encoding="utf-8")
     handler.setFormatter(JsonFormatter(full_numbers=False))
-    handler.setLevel(logging.DEBUG)
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
+    root.setLevel(logging.INFO)

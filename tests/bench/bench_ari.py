@@ -125,7 +125,7 @@ async def steady(obs: CallObserver, calls: int, in_flight: int) -> list[CallResu
     tasks = []
     for _ in range(calls):
         tasks.append(asyncio.create_task(one()))
-        await asyncio.sleep(random.uniform(0.0, 0.06))  # noqa: S311 - spread arrivals
+        await asyncio.sleep(random.uniform(0.0, 0.06))
     await asyncio.gather(*tasks)
     return results
 

@@ -46,7 +46,8 @@ def main(n: int = 1_000_000) -> None:
             rows = conn.execute("SELECT count(*) FROM blacklist").fetchone()
         print(f"machine: {machine()}")
         print(f"optout import of {n:,} numbers: {elapsed:.1f} s ({n / elapsed:,.0f}/s); exit {out.returncode}; "
-              f"{out.stdout.strip()}; PostgreSQL rows {rows[0] if rows else 0:,}; Redis set {r.scard('blacklist:numbers'):,}")
+              f"{out.stdout.strip()}; PostgreSQL rows {rows[0] if rows else 0:,}; "
+              f"Redis set {r.scard('blacklist:numbers'):,}")
     finally:
         r.flushdb()
         with psycopg.connect(PG, autocommit=True) as conn:

@@ -15,13 +15,13 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.cache import RedisCache  # noqa: E402
-from agent.constants import Origin  # noqa: E402
-from agent.journal import Journal  # noqa: E402
-from agent.optout import OptOutRecord  # noqa: E402
-from agent.pipeline import OptOutPipeline  # noqa: E402
-from agent.store_postgres import PostgresStore  # noqa: E402
-from tests.bench.common import machine, summary  # noqa: E402
+from agent.cache import RedisCache
+from agent.constants import Origin
+from agent.journal import Journal
+from agent.optout import OptOutRecord
+from agent.pipeline import OptOutPipeline
+from agent.store_postgres import PostgresStore
+from tests.bench.common import machine, summary
 
 PG = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/optout_test")
 REDIS = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/15")

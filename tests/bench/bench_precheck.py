@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.cache import RedisCache  # noqa: E402
-from agent.constants import BLACKLIST_SET, BLACKLIST_SYNCED  # noqa: E402
-from agent.precheck import BlacklistChecker  # noqa: E402
-from agent.store_sqlite import SqliteStore  # noqa: E402
-from tests.bench.common import machine, summary  # noqa: E402
+from agent.cache import RedisCache
+from agent.constants import BLACKLIST_SET, BLACKLIST_SYNCED
+from agent.precheck import BlacklistChecker
+from agent.store_sqlite import SqliteStore
+from tests.bench.common import machine, summary
 
 REDIS = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/15")
 
