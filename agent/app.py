@@ -86,7 +86,7 @@ def make_ari(settings: Settings, core: Core) -> AriAgent | None:
     return AriAgent(
         url=settings.ari_url, username=settings.ari_username, password=settings.ari_password.get_secret_value(),
         app=settings.ari_app, digit=settings.optout_digit, region=settings.optout_default_region,
-        pipeline=core.pipeline,
+        pipeline=core.pipeline, hangup_connections=settings.ari_hangup_connections,
     )
 
 

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     ari_password: SecretStr | None = None
     ari_app: str = "optout-agent"
     ari_enabled: bool = True
+    ari_hangup_connections: int = Field(default=4, ge=1, le=64)
 
     agi_host: str = "127.0.0.1"
     agi_port: int = 4573

@@ -87,12 +87,12 @@ async def test_fifty_concurrent_sip_calls_each_pressing_9(
     numbers = [unique_number() for _ in range(50)]
     calls = await asyncio.gather(*(observer.place(n, press="9", via="sip") for n in numbers))
     await asyncio.gather(*(observer.wait(c, timeout=30) for c in calls))
-    assert sum(c.hung_up for c in calls) == 50
+    assert sum(c.hung_up for c in calls) == 50, [(c.call_id, c.digits, c.ivr_channel) for c in calls if not c.hung_up]
 
     async def stored() -> bool:
         return len(await pg_store.blacklisted(numbers)) == 50
 
-    assert await eventually(stored, within=10)
+    assert await eventually(stored, within=10), f"stored {len(await pg_store.blacklisted(numbers))} of 50"
     assert all(redis_sync.smismember(BLACKLIST_SET, numbers))
     for c in calls:
         assert c.ivr_channel is not None and not await observer.channel_exists(c.ivr_channel)

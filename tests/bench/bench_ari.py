@@ -52,7 +52,7 @@ def cpu_seconds(pid: int) -> float:
 class Agent:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
-        self.env = {**env, "AGENT_HTTP_PORT": str(self.port), "LOG_LEVEL": "WARNING"}
+        self.env = {**env, "AGENT_HTTP_PORT": str(self.port), "LOG_LEVEL": os.environ.get("BENCH_AGENT_LOG_LEVEL", "WARNING")}
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
@@ -168,11 +168,20 @@ async def main(calls: int = 500, in_flight: int = 50, burst_size: int = 50, roun
             hangups = [r.press_to_hangup_ms for r in results if r.press_to_hangup_ms is not None]
             to_redis = [(seen[r.number] - r.pressed_at.timestamp()) * 1000 for r in results
                         if r.pressed_at and r.number in seen]
-            print(f"steady: {calls} SIP calls, {in_flight} in flight, {calls / elapsed:.1f} calls/s; hung up "
-                  f"{sum(r.hung_up for r in results)}, in Redis {len(to_redis)}; agent CPU "
-                  f"{cpu / calls * 1000:.2f} ms per call")
-            print("  " + summary("press -> ChannelHangupRequest", hangups))
-            print("  " + summary("press -> number in Redis", to_redis))
+            if calls:
+                print(f"steady: {calls} SIP calls, {in_flight} in flight, {calls / elapsed:.1f} calls/s; hung up "
+                      f"{sum(r.hung_up for r in results)}, in Redis {len(to_redis)}; agent CPU "
+                      f"{cpu / calls * 1000:.2f} ms per call")
+                print("  " + summary("press -> ChannelHangupRequest", hangups))
+                print("  " + summary("press -> number in Redis", to_redis))
+            if calls:
+                agent.stop()
+                await bare.start()
+                bare_steady = await steady(obs, calls, in_flight)
+                bare.stop()
+                await agent.start()
+                print("  " + summary("bare client, same load: press -> ChannelHangupRequest",
+                                     [r.press_to_hangup_ms for r in bare_steady if r.press_to_hangup_ms is not None]))
             agent_b: list[float] = []
             bare_b: list[float] = []
             for i in range(rounds):
