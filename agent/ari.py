@@ -38,6 +38,8 @@ from agent.testcall import parse_ari_time
 
 log = logging.getLogger("agent.ari")
 
+HANGUP_PRIORITY_WAIT = 0.1
+"""How long an opt-out's recording may wait for other calls' hangups to go out first (seconds)."""
 HANGUP_EVENTS = frozenset({"ChannelHangupRequest", "StasisEnd", "ChannelDestroyed"})
 
 
@@ -290,7 +292,7 @@ class AriAgent:
         async def terminate() -> HangupInfo:
             info = await hangup
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._no_hangup_in_flight.wait(), 1.0)
+                await asyncio.wait_for(self._no_hangup_in_flight.wait(), HANGUP_PRIORITY_WAIT)
             return info
 
         self._spawn(self._record(record, terminate), name=f"ari-optout-{chan_id}")

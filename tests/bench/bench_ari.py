@@ -211,5 +211,8 @@ async def main(calls: int = 500, in_flight: int = 50, burst_size: int = 50, roun
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no agent left behind
     args = [int(a) for a in sys.argv[1:]]
     asyncio.run(main(*args))
