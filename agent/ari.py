@@ -113,6 +113,7 @@ class AriAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rest: aiohttp.ClientSession | None = None
         self._client: Any = None
+        self._http_client: _HeaderAuthHttpClient | None = None
         self._accepting = True
         self.connected = False
         # Hangups first: the store and Redis work of an opt-out waits while any hangup is in flight, so
@@ -168,13 +169,13 @@ class AriAgent:
         host = urllib.parse.urlsplit(self._url).hostname
         http_client = _HeaderAuthHttpClient(host, self._username, self._password)
         client = aioari.Client(self._url + "/", http_client)
-        self._client = client
+        self._client, self._http_client = client, http_client
         try:
             await client.init()
-        except aiohttp.ClientResponseError as exc:
-            raise TelephonyError(f"ARI at {self._url} refused the client: HTTP {exc.status}") from exc
         except Exception as exc:
             await self._close_client()
+            if isinstance(exc, aiohttp.ClientResponseError):
+                raise TelephonyError(f"ARI at {self._url} refused the client: HTTP {exc.status}") from exc
             if isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
                 raise
             raise TelephonyError(f"ARI at {self._url}: {type(exc).__name__}: {exc}") from exc
@@ -203,11 +204,15 @@ class AriAgent:
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
+        http_client, self._http_client = self._http_client, None
         if client is not None:
             try:
                 await client.close()
             except Exception as exc:  # noqa: BLE001 - closing a broken client must not mask why it broke
                 log.debug("closing the ARI client: %s", exc)
+        if http_client is not None:
+            # aioari's close() skips its HTTP session when init() never finished; close it here either way.
+            await http_client.close()
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
