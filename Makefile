@@ -11,7 +11,7 @@ export REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 TEST_ENV := .run/test.env
 WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 
-.PHONY: install run test lint typecheck unit services asterisk bench clean
+.PHONY: install run test lint typecheck unit services asterisk faults bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ unit: install services asterisk
 	@$(WITH_TEST_ENV) $(PY) -m pytest -q
 
 test: install services lint typecheck unit
+
+# The fault-injection suite (tests/faults): PostgreSQL cut or slowed, Redis restarted empty, the agent
+# killed, Asterisk restarted, SNS unreachable, SIGTERM in a burst. Each scenario prints a figure line.
+faults: install services asterisk
+	@$(WITH_TEST_ENV) OPTOUT_FAULTS=1 $(PY) -m pytest -q -rA tests/faults
 
 run: install
 	@bash asterisk-docker/run-local.sh

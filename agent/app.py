@@ -184,10 +184,15 @@ async def run_agent(settings: Settings) -> int:
             log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None})
             await stop.wait()
             log.info("stopping: finishing in-flight opt-outs")
-            for intake in (x for x in (ari, agi, ami) if x is not None):
-                await intake.stop_accepting()
-            for intake in (x for x in (ari, agi, ami) if x is not None):
+            # Presses keep being honoured (hung up and journaled) while in-flight work finishes; only then
+            # are the sockets closed, and what is still running gets a last short drain.
+            intakes = [x for x in (ari, agi, ami) if x is not None]
+            for intake in intakes:
                 await intake.drain(within=5.0)
+            for intake in intakes:
+                await intake.stop_accepting()
+            for intake in intakes:
+                await intake.drain(within=2.0)
             await drain_inflight(core.pipeline, within=5.0)
             for task in tasks:
                 task.cancel()

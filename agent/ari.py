@@ -50,6 +50,7 @@ class Channel:
     id: str
     facts: ChannelFacts
     opted_out: bool = False
+    hangup_sent: bool = False
     hangup_seen: asyncio.Future[datetime] | None = field(default=None, repr=False)
 
 
@@ -205,7 +206,7 @@ class AriAgent:
     async def _close_client(self) -> None:
         client, self._client = self._client, None
         http_client, self._http_client = self._http_client, None
-        if client is not None:
+        if client is not None and "repositories" in vars(client):  # aioari's close() needs a finished init()
             try:
                 await client.close()
             except Exception as exc:  # noqa: BLE001 - closing a broken client must not mask why it broke
@@ -290,17 +291,17 @@ class AriAgent:
         chan.hangup_seen = asyncio.get_running_loop().create_future()
         self._hangups_in_flight += 1
         self._no_hangup_in_flight.clear()
-        hangup: asyncio.Task[HangupInfo] = self._spawn(self._hangup(chan, pressed_at), name=f"ari-hangup-{chan_id}")
         record = call_record(chan.facts, origin=Origin.ARI, digit=self._digit, pressed_at=pressed_at,
                              region=self._region)
 
         async def terminate() -> HangupInfo:
-            info = await hangup
+            # The pipeline calls this as soon as the opt-out is in the journal.
+            info = await self._hangup(chan, pressed_at)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_hangup_in_flight.wait(), HANGUP_PRIORITY_WAIT)
             return info
 
-        self._spawn(self._record(record, terminate), name=f"ari-optout-{chan_id}")
+        self._spawn(self._record(record, terminate, chan), name=f"ari-optout-{chan_id}")
 
     def _spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -310,6 +311,7 @@ class AriAgent:
 
     async def _hangup(self, chan: Channel, pressed_at: datetime) -> HangupInfo:
         assert self._rest is not None
+        chan.hangup_sent = True
         requested = datetime.now(UTC)
         started = time.perf_counter()
         try:
@@ -335,13 +337,16 @@ class AriAgent:
                 hungup_at = await asyncio.wait_for(asyncio.shield(chan.hangup_seen), 1.0)
         return HangupInfo(requested_at=requested, hungup_at=hungup_at, method="ari", result=result)
 
-    async def _record(self, record: OptOutRecord, terminate: Terminator) -> None:
+    async def _record(self, record: OptOutRecord, terminate: Terminator, chan: Channel) -> None:
         try:
             await self._pipeline.submit(record, terminate=terminate)
         except JournalError as exc:
             log.critical("opt-out could not be journaled: %s", exc, extra={"event_id": record.event_id})
         except Exception:
-            log.exception("opt-out pipeline failed", extra={"event_id": record.event_id})
+            log.exception("opt-out pipeline failed; ending the call anyway", extra={"event_id": record.event_id})
+        finally:
+            if not chan.hangup_sent:  # the pipeline never got to it: the call still ends
+                await self._hangup(chan, record.pressed_at or datetime.now(UTC))
 
     # --- the termination endpoint ----------------------------------------------------------------------
     async def terminate_call(self, call_id: str) -> bool:

@@ -43,6 +43,8 @@ class RedisCache:
             decode_responses=True,
         )
         self._closed = False
+        self.dirty = False
+        """A write failed: the set may miss a stored number until reconciliation rebuilds it."""
 
     @property
     def client(self) -> aioredis.Redis:
@@ -68,7 +70,10 @@ class RedisCache:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
     async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[None]:
-        """For each new opt-out: set membership, entry, action record and campaign counter; one round trip."""
+        """For each new opt-out: set membership, entry, action record and campaign counter; one round trip.
+
+        A failure marks the cache dirty (see `dirty`) before raising CacheUnavailable.
+        """
         pipe = self._redis.pipeline(transaction=False)
         for record in records:
             if record.phone_number is not None:
@@ -77,8 +82,26 @@ class RedisCache:
             pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS)
             if record.campaign_id is not None:
                 pipe.incr(campaign_counter_key(record.campaign_id))
-        await self._execute(pipe)
+        try:
+            await self._execute(pipe)
+        except CacheUnavailable:
+            await self.mark_dirty()
+            raise
         return [None] * len(records)
+
+    async def ensure_listed(self, entry: BlacklistEntry) -> None:
+        """Set membership, and the entry unless one is there already (its first addedAt wins)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(BLACKLIST_SET, entry.phone_number)
+        pipe.set(blacklist_entry_key(entry.phone_number), entry.to_json(), nx=True)
+        await self._execute(pipe)
+
+    async def mark_dirty(self) -> None:
+        """The set may now miss a stored number: stop trusting it here, and unmark it for everyone if
+        Redis answers (the reconciler unmarks and rebuilds as soon as it does)."""
+        self.dirty = True
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(BLACKLIST_SYNCED)
 
     async def add_numbers(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, chunk: int = 5000
@@ -93,7 +116,7 @@ class RedisCache:
             await self._execute(pipe)
 
     async def add_entries(self, entries: Sequence[BlacklistEntry], *, chunk: int = 5000) -> None:
-        """Set membership and entries, in pipelined chunks small enough for the socket timeout."""
+        """Set membership and entries (no counters), in pipelined chunks small enough for the socket timeout."""
         for i in range(0, len(entries), chunk):
             part = entries[i : i + chunk]
             pipe = self._redis.pipeline(transaction=False)
@@ -109,6 +132,8 @@ class RedisCache:
 
     async def check(self, numbers: Sequence[str]) -> list[bool] | None:
         """Membership of each number, or None when the set is not known to be complete (not synced)."""
+        if self.dirty:
+            return None
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(BLACKLIST_SYNCED)
         pipe.smismember(BLACKLIST_SET, list(numbers))
@@ -119,6 +144,9 @@ class RedisCache:
         return [bool(m) for m in members]
 
     async def is_synced(self) -> bool:
+        """Whether the set is marked complete and no write of ours has failed since."""
+        if self.dirty:
+            return False
         try:
             return bool(await self._redis.exists(BLACKLIST_SYNCED))
         except (RedisError, OSError) as exc:
@@ -130,9 +158,12 @@ class RedisCache:
         The set is built under a temporary key and renamed over the live one, so numbers removed from the
         store leave it too; opt-outs added while the rebuild ran are copied in again after the rename.
         """
-        started = datetime.now(UTC) - timedelta(seconds=5)
+        # Margin: a transaction's recorded_at is its start time, and a write may take up to the store's
+        # operation timeout to commit.
+        started = datetime.now(UTC) - timedelta(seconds=15)
         tmp = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"
         total = 0
+        self.dirty = False  # a write failing from here on sets it again, and the marker is then not written
         try:
             await self._redis.delete(tmp)
             async for batch in store.entries(batch_size=batch_size):
@@ -149,6 +180,8 @@ class RedisCache:
                 await self._redis.delete(BLACKLIST_SET)
             async for batch in store.entries(batch_size=batch_size, since=started):
                 await self.add_entries(batch)
+            if self.dirty:
+                return total  # a write failed while rebuilding: not complete, the next round rebuilds again
             await self._redis.set(BLACKLIST_SYNCED, datetime.now(UTC).isoformat())
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: sync failed: {exc}") from exc

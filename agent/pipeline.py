@@ -1,11 +1,13 @@
 """The one opt-out pipeline every entry point calls (ARI, AGI, AMI, SNS, the CLI), and its replayer.
 
-    validate -> journal (fsync) ‖ terminate the call -> store (blacklist + audit, one transaction)
+    validate -> journal (fsync) -> terminate the call -> store (blacklist + audit, one transaction)
              -> Redis (entry, set, action, counter: one round trip) -> journal marked stored
 
-The journal write and the call's termination start together: the law asks for both at once, and the
-journal is local. Only the journal is critical for accepting an opt-out; a store failure leaves it in
-the journal, and the Replayer stores it later (across restarts). Redis and the hangup are best effort.
+The call is ended only once the opt-out is on disk: a crash between the two could otherwise end a call
+whose opt-out is lost (the fault suite caught exactly that). The journal is local and group-committed, so
+this costs about a millisecond. Only the journal is critical for accepting an opt-out; a store failure
+leaves it in the journal, and the Replayer stores it later (across restarts). Redis and the hangup are
+best effort; a journal failure still ends the call, then raises.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from agent.backoff import Backoff
 from agent.batching import Batcher
 from agent.cache import RedisCache
 from agent.constants import Outcome
-from agent.errors import CacheUnavailable, StoreUnavailable
+from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
 from agent.journal import AppendResult, Journal
 from agent.optout import HangupInfo, OptOutRecord
 from agent.phone import mask
@@ -81,11 +83,13 @@ class OptOutPipeline:
             return PipelineResult(Status.DUPLICATE, record)
         self._inflight.add(record.event_id)
         try:
-            hangup_task = asyncio.create_task(self._terminate(terminate, origin)) if terminate else None
             try:
                 appended = await self.journal.append(record)
-            finally:
-                hangup = await hangup_task if hangup_task else None
+            except JournalError:
+                if terminate is not None:
+                    await self._terminate(terminate, origin)  # the call ends even when it cannot be recorded
+                raise
+            hangup = await self._terminate(terminate, origin) if terminate is not None else None
             if appended is not AppendResult.NEW:
                 metrics.DUPLICATES.labels(origin).inc()
                 return PipelineResult(Status.DUPLICATE, record, hangup=hangup)
@@ -127,6 +131,7 @@ class OptOutPipeline:
         origin = record.origin.value
         if stored.duplicate:
             metrics.DUPLICATES.labels(origin).inc()
+            await self._recache_duplicate(record)
         else:
             metrics.OPTOUTS.labels(origin, stored.outcome.value if stored.outcome else "unknown").inc()
             if stored.newly_blacklisted:
@@ -145,6 +150,20 @@ class OptOutPipeline:
                 "opt-out %s: %s %s", stored.outcome.value, mask(record.phone_number), record.event_id,
                 extra={"event_id": record.event_id, "origin": origin, "campaign_id": record.campaign_id},
             )
+
+
+    async def _recache_duplicate(self, record: OptOutRecord) -> None:
+        """A duplicate may be our own write whose acknowledgement was lost (then replayed): make sure Redis
+        has the number, if the store still lists it (not a removed number's old event). No counter."""
+        if self.cache is None or record.phone_number is None:
+            return
+        try:
+            if await self.store.blacklisted([record.phone_number]):
+                await self.cache.ensure_listed(record.entry())
+        except (StoreUnavailable, CacheUnavailable) as exc:
+            log.warning("could not re-check a duplicate's cache entry (reconciliation repairs it): %s", exc)
+            if isinstance(exc, CacheUnavailable):
+                await self.cache.mark_dirty()
 
 
 class Replayer:

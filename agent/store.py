@@ -129,7 +129,8 @@ class Store(ABC):
     def entries(self, *, batch_size: int = 10_000, since: datetime | None = None) -> AsyncIterator[
         list[BlacklistEntry]
     ]:
-        """Stream the blacklist in batches (entries added at or after `since`, when given)."""
+        """Stream the blacklist in batches; with `since`, only numbers with an action recorded (committed
+        order, not `addedAt`: a replayed opt-out has an old addedAt) at or after it."""
 
     @abstractmethod
     async def import_numbers(

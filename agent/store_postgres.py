@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -55,21 +56,35 @@ SELECT (SELECT outcome FROM act)
 """
 
 
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Session limits on every new connection: a stuck lock or statement fails fast and the opt-out goes
+    to the journal replayer, instead of stalling every write behind it."""
+    async with conn.transaction():
+        await conn.execute(
+            "SET statement_timeout = '5s'; SET lock_timeout = '2s'; SET idle_in_transaction_session_timeout = '10s'"
+        )
+
+
 class PostgresStore(Store):
     """The store on PostgreSQL. `conninfo` is a libpq URL; credentials come from it (the environment)."""
 
     dialect = "postgres"
 
-    def __init__(self, conninfo: str, *, pool_size: int = 8, timeout: float = 3.0) -> None:
+    def __init__(
+        self, conninfo: str, *, pool_size: int = 8, timeout: float = 3.0, operation_timeout: float = 10.0
+    ) -> None:
         self._pool = AsyncConnectionPool(
             conninfo,
             min_size=1,
             max_size=pool_size,
             timeout=timeout,
             open=False,
-            reconnect_timeout=0,  # keep trying for ever: the journal holds the work meanwhile
-            kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout))},
+            configure=_configure,
+            # A dead peer (host gone without closing its sockets) is noticed within seconds.
+            kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout)), "keepalives": 1,
+                    "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3},
         )
+        self._operation_timeout = operation_timeout
         self._opened = False
 
     async def open(self) -> None:
@@ -83,10 +98,15 @@ class PostgresStore(Store):
             await self._pool.close(timeout=5.0)
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _tx(self, *, streaming: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """One transaction; bounded by the operation timeout unless `streaming` (exports, cache rebuilds),
+        where each statement is still bounded by the session's statement_timeout."""
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with asyncio.timeout(None if streaming else self._operation_timeout), \
+                    self._pool.connection() as conn, conn.transaction():
                 yield conn
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"PostgreSQL: no answer within {self._operation_timeout:.0f} s") from exc
         except PoolTimeout as exc:
             raise StoreUnavailable(f"PostgreSQL: no connection within the pool timeout ({exc})") from exc
         except psycopg.Error as exc:
@@ -163,8 +183,11 @@ class PostgresStore(Store):
     async def entries(
         self, *, batch_size: int = 10_000, since: datetime | None = None
     ) -> AsyncIterator[list[BlacklistEntry]]:
-        where, params = ("WHERE added_at >= %s", (since,)) if since else ("", ())
-        async with self._tx() as conn, conn.cursor(name=f"bl_{uuid.uuid4().hex[:8]}") as cur:
+        where, params = (
+            ("WHERE phone_number IN (SELECT phone_number FROM optout_actions WHERE recorded_at >= %s)", (since,))
+            if since else ("", ())
+        )
+        async with self._tx(streaming=True) as conn, conn.cursor(name=f"bl_{uuid.uuid4().hex[:8]}") as cur:
             await cur.execute(
                 f"SELECT phone_number, added_at, reason, source, metadata FROM blacklist {where}", params
             )
@@ -226,7 +249,7 @@ class PostgresStore(Store):
             clauses.append("phone_number LIKE %s")
             params.append(number_prefix.replace("%", r"\%").replace("_", r"\_") + "%")
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        async with self._tx() as conn, conn.cursor(
+        async with self._tx(streaming=True) as conn, conn.cursor(
             name=f"act_{uuid.uuid4().hex[:8]}", row_factory=dict_row
         ) as cur:
             await cur.execute(f"SELECT * FROM optout_actions {where} ORDER BY id", params)

@@ -189,7 +189,8 @@ class SqliteStore(Store):
     def _entries_page(conn: sqlite3.Connection, after: str, limit: int, since: str | None) -> list[Any]:
         return conn.execute(
             "SELECT phone_number, added_at, reason, source, metadata FROM blacklist"
-            " WHERE phone_number > ? AND (? IS NULL OR added_at >= ?) ORDER BY phone_number LIMIT ?",
+            " WHERE phone_number > ? AND (? IS NULL OR phone_number IN"
+            " (SELECT phone_number FROM optout_actions WHERE recorded_at >= ?)) ORDER BY phone_number LIMIT ?",
             (after, since, since, limit),
         ).fetchall()
 

@@ -18,6 +18,7 @@ class TcpProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._pipes: set[asyncio.Future[None]] = set()
         self._open = True
 
     async def start(self) -> TcpProxy:
@@ -30,6 +31,9 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for p in list(self._pipes):
+            p.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
 
     def cut(self) -> None:
         """Drop every connection; new ones are accepted and closed at once (like a dead peer)."""
@@ -51,10 +55,19 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._conns.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
-        for w in (writer, up_writer):
-            self._conns.discard(w)
-            w.transport.abort()
+        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer)),
+                 asyncio.ensure_future(self._pipe(up_reader, writer))]
+        self._pipes.update(pipes)
+        try:
+            # When either side closes, close the other too (as the kernel would for a dead peer).
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for p in pipes:
+                p.cancel()
+                self._pipes.discard(p)
+            for w in (writer, up_writer):
+                self._conns.discard(w)
+                w.transport.abort()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import redis
 
 from agent.cache import RedisCache
@@ -47,7 +48,7 @@ async def test_same_event_twice_is_a_duplicate_and_counts_once(
     assert redis_sync.get(campaign_counter_key("camp-1")) == "1"
 
 
-async def test_terminate_runs_with_the_journal_and_its_result_is_audited(
+async def test_call_is_ended_once_journaled_and_the_hangup_is_audited(
     pipeline: OptOutPipeline, pg_store: PostgresStore
 ) -> None:
     calls = []
@@ -57,7 +58,8 @@ async def test_terminate_runs_with_the_journal_and_its_result_is_audited(
         return HangupInfo(method="ari", result="ok")
 
     result = await pipeline.submit(make_record(), terminate=terminate)
-    assert calls and result.hangup is not None
+    assert calls == [1], "the call must be ended only once the opt-out is in the journal"
+    assert result.hangup is not None
     [row] = await pg_store.history("+972501234567")
     assert row["hangup_method"] == "ari" and row["hangup_result"] == "ok"
 
@@ -146,3 +148,55 @@ asyncio.run(main())
             assert row["event_id"] == rec.event_id
 
     asyncio.run(check())
+
+
+async def test_a_stuck_lock_sends_the_optout_to_the_journal_instead_of_stalling(
+    pipeline: OptOutPipeline, pg_store: PostgresStore, pg_dsn: str
+) -> None:
+    await pipeline.submit(make_record())
+    with psycopg.connect(pg_dsn) as blocker:
+        blocker.execute("LOCK TABLE optout_actions IN EXCLUSIVE MODE")  # a session that died holding a lock
+        result = await pipeline.submit(make_record())
+        assert result.status is Status.JOURNALED
+    assert await Replayer(pipeline).drain() == 1
+    assert len(await pg_store.history("+972501234567")) == 2
+
+
+async def test_replayed_duplicate_after_a_lost_acknowledgement_still_reaches_redis(
+    pipeline: OptOutPipeline, pg_store: PostgresStore, redis_sync: redis.Redis
+) -> None:
+    rec = make_record()
+    await pipeline.journal.append(rec)
+    await pg_store.record([rec])  # committed, but the agent never heard back
+    assert await Replayer(pipeline).drain() == 1
+    assert redis_sync.sismember(BLACKLIST_SET, rec.phone_number or "")
+    assert redis_sync.get(campaign_counter_key("camp-1")) is None  # counted once, by the original write
+
+
+async def test_failed_redis_write_marks_the_cache_untrusted_until_rebuilt(
+    journal: Journal, pg_store: PostgresStore, redis_url: str, redis_sync: redis.Redis
+) -> None:
+    from agent.constants import BLACKLIST_SYNCED
+    from agent.precheck import BlacklistChecker, CacheReconciler
+
+    host, port = "127.0.0.1", int(redis_url.split(":")[2].split("/")[0])
+    proxy = await TcpProxy(host, port).start()
+    db = redis_url.rsplit("/", 1)[1]
+    async with RedisCache(f"redis://127.0.0.1:{proxy.port}/{db}", timeout=0.3) as cache:
+        await cache.sync_from(pg_store)
+        pipe = OptOutPipeline(journal=journal, store=pg_store, cache=cache)
+        proxy.cut()
+        assert (await pipe.submit(make_record())).status is Status.RECORDED
+        proxy.restore()
+        assert cache.dirty
+        assert not redis_sync.sismember(BLACKLIST_SET, "+972501234567")
+        checker = BlacklistChecker(store=pg_store, cache=cache, region="IL")
+        assert await checker.check(["+972501234567"]) == [True]  # the store answered
+        task = asyncio.create_task(CacheReconciler(store=pg_store, cache=cache, interval=0.05).run())
+        for _ in range(100):
+            if not cache.dirty and redis_sync.exists(BLACKLIST_SYNCED):
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        assert redis_sync.sismember(BLACKLIST_SET, "+972501234567")
+    await proxy.stop()

@@ -131,3 +131,12 @@ def test_admin_record_shape() -> None:
     rec = OptOutRecord(event_id="x", phone_number="+972501234567", origin=Origin.ADMIN,
                        received_at=datetime.now(UTC))
     assert rec.entry().source is Source.USER_OPTOUT
+
+
+async def test_entries_since_follow_commit_order_not_added_at(store: Store) -> None:
+    from datetime import timedelta
+
+    old = make_record().model_copy(update={"received_at": datetime.now(UTC) - timedelta(days=2)})
+    await store.record([old])  # a replayed opt-out: old addedAt, recorded now
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    assert [e.phone_number for b in [b async for b in store.entries(since=since)] for e in b] == ["+972501234567"]

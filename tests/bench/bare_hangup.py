@@ -23,7 +23,8 @@ async def main() -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     tasks: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=int(os.environ.get("ARI_HANGUP_CONNECTIONS", "4")))) as rest, \
+    pool = aiohttp.TCPConnector(limit=int(os.environ.get("ARI_HANGUP_CONNECTIONS", "4")))
+    async with aiohttp.ClientSession(headers=headers, connector=pool) as rest, \
             aiohttp.ClientSession(headers=headers) as wss:
         ws = await wss.ws_connect(f"{url.replace('http', 'ws', 1)}/ari/events", params={"app": app})
         print("ready", flush=True)

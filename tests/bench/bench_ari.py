@@ -52,7 +52,8 @@ def cpu_seconds(pid: int) -> float:
 class Agent:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
-        self.env = {**env, "AGENT_HTTP_PORT": str(self.port), "LOG_LEVEL": os.environ.get("BENCH_AGENT_LOG_LEVEL", "WARNING")}
+        self.env = {**env, "AGENT_HTTP_PORT": str(self.port),
+                    "LOG_LEVEL": os.environ.get("BENCH_AGENT_LOG_LEVEL", "WARNING")}
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:

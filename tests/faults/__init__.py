@@ -1,0 +1,1 @@
+"""Fault-injection scenarios (see conftest.py); run with `make faults`."""
