@@ -68,6 +68,7 @@ class Journal:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._synced = True
 
     @property
     def path(self) -> Path:
@@ -169,7 +170,14 @@ class Journal:
         conn = self._require()
         now = datetime.now(UTC).isoformat()
         results: list[Any] = []
+        # Only appends (and replacements) must be on disk before the caller goes on; a lost "stored" or
+        # "published" mark merely makes the replayer or publisher do an idempotent step again. So a batch
+        # without them commits without waiting for fsync, and the appends queued behind it wait less.
+        durable = any(op.kind in ("append", "replace") for op in batch)
         with self._lock:
+            if durable != self._synced:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synced = durable
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for op in batch:
