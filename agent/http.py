@@ -17,31 +17,24 @@ ReadinessProbe = Callable[[], dict[str, bool]]
 CallTerminator = Callable[[str], Awaitable[bool]]
 
 
-class AgentHttp:
-    """Serves the agent's HTTP API on host:port (async context manager)."""
+class AppServer:
+    """An aiohttp application served on host:port (async context manager); port 0 picks a free one,
+    then `bound_port` tells which."""
 
-    def __init__(
-        self, *, host: str, port: int, readiness: ReadinessProbe, terminate_call: CallTerminator | None,
-        api_token: str | None,
-    ) -> None:
+    def __init__(self, app: web.Application, *, host: str, port: int, name: str) -> None:
+        self._app = app
         self._host = host
         self._port = port
-        self._readiness = readiness
-        self._terminate_call = terminate_call
-        self._token = api_token
+        self._name = name
         self._runner: web.AppRunner | None = None
-        app = web.Application(client_max_size=64 * 1024)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/ready", self._ready)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_post("/calls/{call_id}/terminate", self._terminate)
-        self._app = app
+        self.bound_port: int | None = None
 
     async def __aenter__(self) -> Self:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
-        log.info("HTTP API on %s:%d", self._host, self._port)
+        self.bound_port = int(self._runner.addresses[0][1])
+        log.info("%s on http://%s:%d", self._name, self._host, self.bound_port)
         return self
 
     async def __aexit__(
@@ -50,9 +43,28 @@ class AgentHttp:
         await self.close()
 
     async def close(self) -> None:
+        """Stop serving. Safe to call twice."""
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+
+class AgentHttp(AppServer):
+    """Serves the agent's HTTP API on host:port (async context manager)."""
+
+    def __init__(
+        self, *, host: str, port: int, readiness: ReadinessProbe, terminate_call: CallTerminator | None,
+        api_token: str | None,
+    ) -> None:
+        self._readiness = readiness
+        self._terminate_call = terminate_call
+        self._token = api_token
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/calls/{call_id}/terminate", self._terminate)
+        super().__init__(app, host=host, port=port, name="agent HTTP API")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 from aiohttp import web
 
 from agent.errors import JournalError
+from agent.http import AppServer
 from sns_bridge.errors import (
     CertificateRefused,
     CertificateUnavailable,
@@ -62,7 +62,7 @@ def _answer(code: int, /, **body: Any) -> web.Response:
     return web.json_response(body, status=code)
 
 
-class BridgeHttp:
+class BridgeHttp(AppServer):
     """Serves POST /sns on host:port (async context manager). `client` fetches SubscribeURLs; it is the caller's."""
 
     def __init__(
@@ -72,32 +72,10 @@ class BridgeHttp:
         self._handler = handler
         self._verifier = verifier
         self._client = client
-        self._host = host
-        self._port = port
-        self._runner: web.AppRunner | None = None
-        self.bound_port: int | None = None
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post("/sns", self._sns)
         app.router.add_get("/health", self._health)
-        self._app = app
-
-    async def __aenter__(self) -> Self:
-        self._runner = web.AppRunner(self._app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
-        self.bound_port = int(self._runner.addresses[0][1])
-        log.info("SNS endpoint on http://%s:%d/sns", self._host, self.bound_port)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        super().__init__(app, host=host, port=port, name="SNS endpoint (POST /sns)")
 
     async def _health(self, request: web.Request) -> web.Response:
         return _answer(200, status="ok")
