@@ -3,10 +3,10 @@
 Run from the repository root with the sandbox up and .run/test.env sourced:
     python tests/bench/bench_agi_ami.py [--calls 100] [--inflight 20] [--via sip|local]
 
-Press and hangup times are when Asterisk reported them on AMI (DTMFEnd, then SoftHangupRequest/HangupRequest
-for the IVR channel), taken at receipt: manager.conf has no timestampevents, so AMI events carry no
-Asterisk clock. The agent's store is an embedded SQLite file and Redis is off: the figures are the
-telephony path, not the store. Prints figures; asserts nothing.
+Press and hangup times are Asterisk's own, exactly as in bench_ari.py: a CallObserver (an ARI app subscribed
+to all events) reports the IVR channel's ChannelDtmfReceived and ChannelHangupRequest timestamps, so the
+three paths share one method and one load. The agent's store is an embedded SQLite file and Redis is
+off: the figures are the telephony path, not the store. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from agent.optout import OptOutRecord, utcnow
 from agent.pipeline import OptOutPipeline
 from agent.precheck import BlacklistChecker
 from agent.store_sqlite import SqliteStore
-from tests.asterisk.test_agi import AsteriskCalls, agi_headers
+from agent.testcall import CallObserver, Ivr, Via
+from tests.asterisk.test_agi import agi_headers
 
 
 def pct(values: list[float], p: float) -> float:
@@ -48,15 +49,14 @@ def report(name: str, values: list[float], total: int, unit: str = "ms") -> None
           f"p99={pct(values, 99):.1f}{unit} max={max(values):.1f}{unit} mean={statistics.fmean(values):.1f}{unit}")
 
 
-async def press_to_hangup(calls: AsteriskCalls, ivr: str, *, n: int, inflight: int, via: str) -> list[float]:
+async def press_to_hangup(obs: CallObserver, ivr: Ivr, *, n: int, inflight: int, via: Via) -> list[float]:
     gate = asyncio.Semaphore(inflight)
     out: list[float] = []
 
     async def one(i: int) -> None:
         async with gate:
             number = f"+1202556{i % 10000:04d}"
-            call = await calls.place(number, press="9", ivr=ivr, via=via, hold=5)
-            await calls.wait(call, within=12)
+            call = await obs.wait(await obs.place(number, press="9", ivr=ivr, via=via, hold_seconds=5), timeout=12)
             if call.press_to_hangup_ms is not None:
                 out.append(call.press_to_hangup_ms)
 
@@ -107,9 +107,7 @@ async def main() -> None:
             await store.record([OptOutRecord(event_id=f"bench-{uuid.uuid4().hex}", phone_number=n, origin=Origin.ADMIN,
                                              received_at=utcnow()) for n in blocked])
             clear = [f"+1202558{i:04d}" for i in range(50)]
-            calls = AsteriskCalls(env)
-            await calls.start()
-            try:
+            async with CallObserver(ari_url=env.url, username=env.username, password=env.password) as calls:
                 async with AgiServer(host="127.0.0.1", port=port, digit="9", region="US", pipeline=pipeline,
                                      checker=checker):
                     print(f"press -> hangup, {args.calls} {args.via} calls, {args.inflight} in flight")
@@ -133,8 +131,6 @@ async def main() -> None:
                     await ami.drain(5.0)
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
-            finally:
-                await calls.close()
 
 
 if __name__ == "__main__":
