@@ -59,3 +59,41 @@ def test_any_bytes_as_event_json_are_refused_cleanly(raw: bytes) -> None:
         parse_event(raw)
     except InvalidInput:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_as_fastagi_headers_parse_or_are_refused_cleanly(raw: bytes) -> None:
+    import asyncio
+
+    from agent.agi import AgiProtocolError, agi_args, read_headers
+
+    async def parse() -> None:
+        reader = asyncio.StreamReader(limit=4096)
+        reader.feed_data(raw)
+        reader.feed_eof()
+        try:
+            headers = await read_headers(reader)
+        except AgiProtocolError:
+            return
+        assert all(k.startswith("agi_") for k in headers)
+        assert all(isinstance(a, str) for a in agi_args(headers))
+
+    asyncio.run(parse())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.from_regex(r"agi_[a-z_0-9]{1,12}", fullmatch=True),
+                       st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=30), max_size=12))
+def test_well_formed_fastagi_headers_round_trip(headers: dict[str, str]) -> None:
+    import asyncio
+
+    from agent.agi import read_headers
+
+    async def parse() -> dict[str, str]:
+        reader = asyncio.StreamReader(limit=4096)
+        reader.feed_data("".join(f"{k}: {v}\n" for k, v in headers.items()).encode() + b"\n")
+        reader.feed_eof()
+        return await read_headers(reader)
+
+    assert asyncio.run(parse()) == headers
