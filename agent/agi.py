@@ -23,14 +23,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from panoramisk.fast_agi import Application, Request
 
 from agent import metrics
 from agent.constants import Origin
 from agent.errors import InvalidPhoneNumber, JournalError, OptOutError, TelephonyError
+from agent.lifecycle import Resource
 from agent.optout import HangupInfo, OptOutRecord
 from agent.phone import mask
 from agent.pipeline import OptOutPipeline
@@ -144,7 +144,7 @@ def agi_args(headers: dict[str, str]) -> list[str]:
     return out
 
 
-class AgiServer:
+class AgiServer(Resource):
     """The FastAGI server (async context manager): scripts `optout` and `precheck`."""
 
     def __init__(
@@ -169,16 +169,7 @@ class AgiServer:
     def listening(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
+    async def open(self) -> None:
         """Listen on host:port. Raises TelephonyError when the port cannot be bound."""
         app = GuardedApplication(header_timeout=self._header_timeout, command_timeout=self._command_timeout,
                                  max_connections=self._max_connections)

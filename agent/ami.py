@@ -25,8 +25,7 @@ import logging
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from panoramisk import Manager
 
@@ -34,6 +33,7 @@ from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import Origin
 from agent.errors import JournalError, TelephonyError
+from agent.lifecycle import Resource
 from agent.optout import HangupInfo, OptOutRecord
 from agent.pipeline import OptOutPipeline, Terminator
 from agent.telephony import CHANNEL_VARS, ChannelFacts, call_record
@@ -103,7 +103,7 @@ def _known(value: Any) -> str | None:
     return None if not value or value in ("<unknown>", "unknown") else str(value)
 
 
-class AmiAgent:
+class AmiAgent(Resource):
     """One AMI connection; `run()` until cancelled. Off unless AMI_HOST/AMI_USERNAME/AMI_SECRET are set."""
 
     def __init__(
@@ -132,14 +132,6 @@ class AmiAgent:
         self.connected = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     async def close(self) -> None:
         """Log off and close the socket. Safe to call twice."""
         self._accepting = False

@@ -21,8 +21,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aioari
 import aiohttp
@@ -32,10 +31,10 @@ from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import Origin
 from agent.errors import JournalError, TelephonyError
+from agent.lifecycle import Resource
 from agent.optout import HangupInfo, OptOutRecord
 from agent.pipeline import OptOutPipeline, Terminator
 from agent.telephony import CHANNEL_VARS, ChannelFacts, call_record
-from agent.testcall import parse_ari_time
 
 log = logging.getLogger("agent.ari")
 
@@ -53,6 +52,11 @@ class Channel:
     opted_out: bool = False
     hangup_sent: bool = False
     hangup_seen: asyncio.Future[datetime] | None = field(default=None, repr=False)
+
+
+def parse_ari_time(value: str) -> datetime:
+    """ARI timestamps look like 2026-11-25T12:25:11.945+0000."""
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z")
 
 
 def basic_auth(username: str, password: str) -> str:
@@ -95,7 +99,7 @@ def facts_from_ari(channel: dict[str, Any]) -> ChannelFacts:
     )
 
 
-class AriAgent:
+class AriAgent(Resource):
     """One ARI connection for one Stasis app; `run()` until cancelled."""
 
     def __init__(
@@ -126,18 +130,13 @@ class AriAgent:
         self._no_hangup_in_flight.set()
 
     # --- lifecycle ---------------------------------------------------------------------------------
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
+        """Create the kept-alive REST pool the hangups use (the websocket is `run()`'s)."""
         self._rest = aiohttp.ClientSession(
             headers={"Authorization": basic_auth(self._username, self._password)},
             connector=aiohttp.TCPConnector(limit=self._hangup_connections, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=self._timeout),
         )
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the websocket and the REST pool (after `drain`). Safe to call twice."""

@@ -11,8 +11,6 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Self
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -27,11 +25,12 @@ from agent.constants import (
     campaign_counter_key,
 )
 from agent.errors import CacheUnavailable
+from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import Store
 
 
-class RedisCache:
+class RedisCache(Resource):
     """The Redis side of the blacklist (async context manager)."""
 
     def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
@@ -49,14 +48,6 @@ class RedisCache:
     @property
     def client(self) -> aioredis.Redis:
         return self._redis
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if not self._closed:
@@ -115,12 +106,15 @@ class RedisCache:
             pipe.mset({blacklist_entry_key(n): f'{{"phoneNumber":"{n}",{common}' for n in part})
             await self._execute(pipe)
 
-    async def add_entries(self, entries: Sequence[BlacklistEntry], *, chunk: int = 5000) -> None:
-        """Set membership and entries (no counters), in pipelined chunks small enough for the socket timeout."""
+    async def add_entries(
+        self, entries: Sequence[BlacklistEntry], *, set_key: str = BLACKLIST_SET, chunk: int = 5000
+    ) -> None:
+        """Set membership (in `set_key`) and entries, no counters; pipelined chunks small enough for the
+        socket timeout."""
         for i in range(0, len(entries), chunk):
             part = entries[i : i + chunk]
             pipe = self._redis.pipeline(transaction=False)
-            pipe.sadd(BLACKLIST_SET, *(e.phone_number for e in part))
+            pipe.sadd(set_key, *(e.phone_number for e in part))
             pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in part})
             await self._execute(pipe)
 
@@ -167,12 +161,7 @@ class RedisCache:
         try:
             await self._redis.delete(tmp)
             async for batch in store.entries(batch_size=batch_size):
-                for i in range(0, len(batch), 5000):
-                    part = batch[i : i + 5000]
-                    pipe = self._redis.pipeline(transaction=False)
-                    pipe.sadd(tmp, *(e.phone_number for e in part))
-                    pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in part})
-                    await pipe.execute()
+                await self.add_entries(batch, set_key=tmp)
                 total += len(batch)
             if total:
                 await self._redis.rename(tmp, BLACKLIST_SET)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.lifecycle import Resource
 
 log = logging.getLogger("agent.http")
 
@@ -17,7 +17,7 @@ ReadinessProbe = Callable[[], dict[str, bool]]
 CallTerminator = Callable[[str], Awaitable[bool]]
 
 
-class AppServer:
+class AppServer(Resource):
     """An aiohttp application served on host:port (async context manager); port 0 picks a free one,
     then `bound_port` tells which."""
 
@@ -29,18 +29,12 @@ class AppServer:
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
         self.bound_port = int(self._runner.addresses[0][1])
         log.info("%s on http://%s:%d", self._name, self._host, self.bound_port)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Stop serving. Safe to call twice."""

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from agent.errors import JournalError
+from agent.lifecycle import Resource
 from agent.optout import OptOutRecord
 
 _SCHEMA = """
@@ -56,7 +56,7 @@ class _Op:
     future: asyncio.Future[Any] = field(repr=False)
 
 
-class Journal:
+class Journal(Resource):
     """An append-only, fsynced SQLite journal of opt-out records (async context manager)."""
 
     def __init__(self, path: Path, *, publish: bool = False, max_batch: int = 1000) -> None:
@@ -109,15 +109,6 @@ class Journal:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # --- writes: queued and group-committed ---------------------------------------------------------
     async def append(self, record: OptOutRecord) -> AppendResult:

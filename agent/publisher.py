@@ -19,8 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
@@ -31,6 +30,7 @@ from agent.backoff import Backoff
 from agent.constants import SNS_ORIGIN_ATTRIBUTE, Origin
 from agent.errors import OptOutError
 from agent.journal import Journal
+from agent.lifecycle import Resource
 from agent.optout import OptOutRecord
 
 log = logging.getLogger("agent.publisher")
@@ -43,7 +43,7 @@ class PublishUnavailable(OptOutError):
     """SNS refused or could not be reached; the records stay in the outbox and are retried."""
 
 
-class SnsPublisher:
+class SnsPublisher(Resource):
     """Drains the journal's outbox into an SNS topic (async context manager; `run()` until cancelled).
 
     With `topic_arn=None` publishing is off: `run()` says so once and returns.
@@ -82,15 +82,6 @@ class SnsPublisher:
     @property
     def enabled(self) -> bool:
         return self._topic_arn is not None
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Create the SNS client (no network yet). Does nothing when publishing is off."""

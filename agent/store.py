@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from agent.constants import Origin, Outcome, Source
+from agent.constants import Outcome, Source
+from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord
 
 
@@ -84,7 +84,7 @@ ACTION_COLUMNS = (
 )  # fmt: skip
 
 
-class Store(ABC):
+class Store(Resource, ABC):
     """The system of record: blacklist, audit trail, campaign counts. An async context manager."""
 
     dialect: str
@@ -95,15 +95,6 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections. Safe to call twice."""
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @abstractmethod
     async def migrate(self) -> list[str]:
@@ -154,16 +145,3 @@ class Store(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
-
-
-def admin_record(entry: BlacklistEntry, *, actor: str, event_id: str, received_at: datetime) -> OptOutRecord:
-    """The audit record of an admin addition (import or `optout add`)."""
-    return OptOutRecord(
-        event_id=event_id,
-        phone_number=entry.phone_number,
-        origin=Origin.ADMIN,
-        source=entry.source,
-        reason=entry.reason,
-        received_at=received_at,
-        actor=actor,
-    )

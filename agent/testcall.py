@@ -17,12 +17,13 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import aiohttp
 
+from agent.ari import parse_ari_time
 from agent.errors import TelephonyError
+from agent.lifecycle import Resource
 
 log = logging.getLogger("agent.testcall")
 
@@ -30,11 +31,6 @@ Via = Literal["sip", "local"]
 Ivr = Literal["ari", "agi", "plain"]
 IVR_CONTEXTS: dict[str, str] = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-plain-ivr"}
 OBSERVER_APP_PREFIX = "optout-testcall"
-
-
-def parse_ari_time(value: str) -> datetime:
-    """ARI timestamps look like 2026-11-25T12:25:11.945+0000."""
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z")
 
 
 @dataclass
@@ -61,7 +57,7 @@ class CallResult:
         return (end - self.pressed_at).total_seconds() * 1000.0
 
 
-class CallObserver:
+class CallObserver(Resource):
     """Places test calls and watches them (async context manager)."""
 
     def __init__(self, *, ari_url: str, username: str, password: str, digit: str = "9") -> None:
@@ -76,7 +72,7 @@ class CallObserver:
         # One app name per observer: Asterisk lets only one websocket hold an app name.
         self._app = f"{OBSERVER_APP_PREFIX}-{uuid.uuid4().hex[:8]}"
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
         self._session = aiohttp.ClientSession(headers=self._headers)
         ws_url = self._base.replace("http", "ws", 1) + "/ari/events"
         try:
@@ -87,19 +83,18 @@ class CallObserver:
             await self._session.close()
             raise TelephonyError(f"ARI at {self._base} did not accept the observer's websocket: {exc}") from exc
         self._reader = asyncio.create_task(self._read(), name="testcall-observer")
-        return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+    async def close(self) -> None:
+        reader, ws, session = self._reader, self._ws, self._session
+        self._reader = self._ws = self._session = None
+        if reader is not None:
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._ws is not None:
-            await self._ws.close()
-        if self._session is not None:
-            await self._session.close()
+                await reader
+        if ws is not None:
+            await ws.close()
+        if session is not None:
+            await session.close()
 
     async def place(
         self, number: str, *, press: str = "9", via: Via = "sip", ivr: Ivr = "ari", campaign_id: str = "test-campaign",

@@ -16,7 +16,7 @@ import httpx
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from agent.app import drain_inflight, migrate_until_done, open_core, supervised
+from agent.app import Core, drain_inflight, migrate_until_done, open_core, supervised
 from agent.errors import ConfigError
 from agent.pipeline import Replayer
 from agent.settings import Settings
@@ -50,20 +50,25 @@ async def run_bridge(settings: Settings) -> int:
     return 0
 
 
+async def open_handler(settings: Settings, core: Core, stack: AsyncExitStack) -> BridgeHandler:
+    """The one handler every way in (HTTP, SQS, Lambda) calls, with its worker client closed by `stack`."""
+    terminator = None
+    if settings.asterisk_worker_url:
+        worker_client = await stack.enter_async_context(httpx.AsyncClient())
+        token = settings.bridge_worker_token.get_secret_value() if settings.bridge_worker_token else None
+        terminator = WorkerTerminator(base_url=settings.asterisk_worker_url, token=token, client=worker_client)
+    else:
+        log.info("ASTERISK_WORKER_URL is not set: SNS opt-outs are recorded without ending calls")
+    return BridgeHandler(
+        pipeline=core.pipeline, region=settings.optout_default_region,
+        dedupe=MessageIdDedupe(redis=core.cache.client if core.cache else None), terminator=terminator,
+    )
+
+
 async def _serve(settings: Settings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as stack:
         core = await open_core(settings, stack)
-        terminator = None
-        if settings.asterisk_worker_url:
-            worker_client = await stack.enter_async_context(httpx.AsyncClient())
-            token = settings.bridge_worker_token.get_secret_value() if settings.bridge_worker_token else None
-            terminator = WorkerTerminator(base_url=settings.asterisk_worker_url, token=token, client=worker_client)
-        else:
-            log.info("ASTERISK_WORKER_URL is not set: SNS opt-outs are recorded without ending calls")
-        handler = BridgeHandler(
-            pipeline=core.pipeline, region=settings.optout_default_region,
-            dedupe=MessageIdDedupe(redis=core.cache.client if core.cache else None), terminator=terminator,
-        )
+        handler = await open_handler(settings, core, stack)
         if settings.bridge_http_port != 0:
             sns_client = await stack.enter_async_context(certificate_client())
             certificates = await stack.enter_async_context(HttpCertificateSource(sns_client))

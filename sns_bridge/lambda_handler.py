@@ -19,15 +19,13 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-import httpx
-
 from agent.app import open_core
 from agent.errors import StoreUnavailable
 from agent.pipeline import Replayer
 from agent.settings import Settings
+from sns_bridge.app import open_handler
 from sns_bridge.errors import EventRejected, NotStored
-from sns_bridge.handler import BridgeHandler, MessageIdDedupe, attribute_values
-from sns_bridge.terminate import WorkerTerminator
+from sns_bridge.handler import attribute_values
 
 log = logging.getLogger("sns_bridge.lambda")
 
@@ -42,15 +40,7 @@ async def handle_event(event: Mapping[str, Any], settings: Settings) -> dict[str
     summary: dict[str, Any] = {"records": 0, "applied": 0, "duplicate": 0, "skipped": 0, "rejected": []}
     async with AsyncExitStack() as stack:
         core = await open_core(settings, stack)
-        terminator = None
-        if settings.asterisk_worker_url:
-            client = await stack.enter_async_context(httpx.AsyncClient())
-            token = settings.bridge_worker_token.get_secret_value() if settings.bridge_worker_token else None
-            terminator = WorkerTerminator(base_url=settings.asterisk_worker_url, token=token, client=client)
-        bridge = BridgeHandler(
-            pipeline=core.pipeline, region=settings.optout_default_region,
-            dedupe=MessageIdDedupe(redis=core.cache.client if core.cache else None), terminator=terminator,
-        )
+        bridge = await open_handler(settings, core, stack)
         allowed = settings.topic_allow_list
         for index, record in enumerate(event.get("Records") or []):
             summary["records"] += 1

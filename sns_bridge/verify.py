@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from agent.lifecycle import Resource
 from sns_bridge.errors import (
     CertificateUnavailable,
     HeaderMismatch,
@@ -260,7 +261,7 @@ class _CacheEntry:
     expires_at: float
 
 
-class HttpCertificateSource:
+class HttpCertificateSource(Resource):
     """Fetches signing certificates over HTTP(S) with ``client``; bounded LRU cache with a TTL.
 
     Redirects are refused, bodies over ``max_bytes`` and fetches over ``timeout`` seconds
@@ -288,12 +289,6 @@ class HttpCertificateSource:
         self._monotonic = monotonic
         self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
-
-    async def __aenter__(self) -> HttpCertificateSource:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Cancel fetches still running and forget cached certificates. Idempotent."""

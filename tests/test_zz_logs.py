@@ -9,7 +9,7 @@ import re
 from tests.conftest import SUITE_LOG
 
 E164 = re.compile(r"\+\d{8,15}")
-NATIONAL = re.compile(r"(?<![\d-])0\d{2}-?\d{3}-?\d{4}(?![\d-])")
+NATIONAL = re.compile(r"(?<![\w-])0\d{2}-?\d{3}-?\d{4}(?![\w-])")  # not inside ids or hashes
 
 
 def test_suite_logs_hold_no_full_phone_number_and_no_secret() -> None:

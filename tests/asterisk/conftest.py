@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,6 +53,30 @@ def ari_env() -> AriEnv:
 def sandbox(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(REPO / "asterisk-docker" / "sandbox"), *args], capture_output=True, text=True,
                           timeout=120, check=False)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """Redis database 13 for the Asterisk tests, flushed around each (other suites use 15)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/13"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+async def calls(ari_env: AriEnv) -> AsyncIterator[Any]:
+    """Calls placed over ARI and followed over AMI (tests/asterisk/test_agi.py: AsteriskCalls)."""
+    from tests.asterisk.test_agi import AsteriskCalls
+
+    watch = AsteriskCalls(ari_env)
+    await watch.start()
+    yield watch
+    await watch.close()
 
 
 @pytest.fixture

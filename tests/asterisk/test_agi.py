@@ -39,18 +39,6 @@ def random_number() -> str:
     return f"+1202555{random.randint(0, 9999):04d}"
 
 
-@pytest.fixture
-def redis_url() -> str:
-    """Redis database 13: other suites flush database 15 while these calls are in flight."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/13"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
 AMI_USER = os.environ.get("AMI_USERNAME", "optout")
 AMI_SECRET = os.environ.get("AMI_SECRET", "")
 IVR_CONTEXTS = {"optout-ivr", "optout-agi-ivr", "optout-plain-ivr"}
@@ -175,14 +163,6 @@ class AsteriskCalls:
 
 
 IVR_BY_NAME = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-plain-ivr"}
-
-
-@pytest.fixture
-async def calls(ari_env: Any) -> AsyncIterator[AsteriskCalls]:
-    watch = AsteriskCalls(ari_env)
-    await watch.start()
-    yield watch
-    await watch.close()
 
 
 @pytest.fixture

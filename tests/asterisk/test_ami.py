@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -22,26 +21,6 @@ AMI_HOST = os.environ.get("AMI_HOST", "127.0.0.1")
 AMI_PORT = int(os.environ.get("AMI_PORT", "5038"))
 AMI_USER = os.environ.get("AMI_USERNAME", "optout")
 AMI_SECRET = os.environ.get("AMI_SECRET", "")
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """Redis database 12: other suites flush database 15 while these calls are in flight."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/12"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
-@pytest.fixture
-async def calls(ari_env: Any) -> AsyncIterator[AsteriskCalls]:
-    watch = AsteriskCalls(ari_env)
-    await watch.start()
-    yield watch
-    await watch.close()
 
 
 async def until_connected(agent: AmiAgent, *, value: bool = True, within: float = 5.0) -> None:
