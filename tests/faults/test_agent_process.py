@@ -89,7 +89,10 @@ async def test_sigkill_mid_run(
         lost = [(c.number, c.pressed_at, c.hangup_requested_at) for c in calls if c.number in expected - got.numbers]
         assert figures.lost == 0, f"hung up but not stored (number, press, hangup; killed at {killed_at}): {lost}"
         assert got.duplicated == 0, {n: k for n, k in got.rows.items() if k > 1}
-        assert got.in_redis == expected, sorted(expected - got.in_redis)
+        assert expected <= got.in_redis, sorted(expected - got.in_redis)
+        # The journal is written before the hangup, so a press journaled just before the kill is stored even
+        # though its call was ended by the caller: more may be stored than hung up, never an unpressed number.
+        assert got.in_redis <= {c.number for c in calls if c.pressed_at is not None}
         assert all(c.done.is_set() for c in calls), "calls left up"
     finally:
         await end_leftovers(observer, calls or placed)
