@@ -1,18 +1,19 @@
-"""The AMI agent: watches DTMFEnd on plain-dialplan IVRs and hangs the channel up on the opt-out digit.
+"""The AMI way in: DTMFEnd on plain-dialplan IVRs, the Hangup action on the opt-out digit.
 
-For IVRs that neither hand the channel to Stasis nor call AGI (`optout-plain-ivr`): the agent logs in with
-read=call,dtmf and write=call only (never originate: CVE-2024-42365) and, for a `DTMFEnd` with
-`Direction: Received` of the opt-out digit on a channel whose `Context` is one of AMI_DTMF_CONTEXTS, sends the
-`Hangup` action at once and records the opt-out (origin ami) from the event's own headers (`ChanVariable`
-carries CALL_ID etc.: manager.conf `channelvars`). Filtering by context matters: on a Local or SIP test call
-the other half of the call reports the same digit as received too.
+Protocol only; the press sequence is agent/intake.py's. For IVRs that neither hand the channel to Stasis
+nor call AGI (`optout-plain-ivr`): the agent logs in with read=call,dtmf and write=call only (never
+originate: CVE-2024-42365) and reports a `DTMFEnd` with `Direction: Received` of the opt-out digit on a
+channel whose `Context` is one of AMI_DTMF_CONTEXTS, with the event's own headers (`ChanVariable` carries
+CALL_ID etc.: manager.conf `channelvars`). Filtering by context matters: on a Local or SIP test call the
+other half of the call reports the same digit as received too. For a call without OPTOUT_NUMBER the
+number Asterisk dialled is read with two `Getvar` actions first (agent/telephony.py says why).
 
 panoramisk (the design's library) reads the socket; its known limits are contained here:
 - it reconnects on a fixed 2 s timer and its pinger never reads the reply: both are switched off in
   `_Manager`; `AmiAgent.run` reconnects with the shared backoff and pings with a reply deadline, so a
   connection that went silent is noticed and `connected` (for /ready) tells the truth.
 - it runs coroutine callbacks as fire-and-forget tasks and lets a callback's exception break the socket
-  reader: the callbacks here are synchronous, catch everything, and start tasks the agent owns.
+  reader: the callbacks here are synchronous, catch everything, and start tasks.
 AMI events carry Asterisk's own `Timestamp` only with manager.conf `timestampevents = yes`; without it the
 agent's receive time stands in for the press and hangup times.
 """
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,11 +33,11 @@ from panoramisk import Manager
 from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import Origin
-from agent.errors import JournalError, TelephonyError
+from agent.errors import TelephonyError
+from agent.intake import Intake
 from agent.lifecycle import Resource
-from agent.optout import HangupInfo, OptOutRecord
-from agent.pipeline import OptOutPipeline, Terminator
-from agent.telephony import CHANNEL_VARS, ChannelFacts, call_record
+from agent.optout import HangupInfo
+from agent.telephony import CHANNEL_VARS, REMOTE_URI, REQUEST_URI, ChannelFacts, dialled_number, known
 
 log = logging.getLogger("agent.ami")
 
@@ -93,23 +94,18 @@ def facts_from_ami(event: Any) -> ChannelFacts:
         raise KeyError("Uniqueid")
     return ChannelFacts(
         uniqueid=str(uniqueid), name=str(event.get("Channel") or ""), linkedid=event.get("Linkedid") or None,
-        variables=variables, connected_number=_known(event.get("ConnectedLineNum")),
-        caller_number=_known(event.get("CallerIDNum")), exten=_known(event.get("Exten")),
+        variables=variables, connected_number=known(event.get("ConnectedLineNum")),
+        caller_number=known(event.get("CallerIDNum")), exten=known(event.get("Exten")),
         context=event.get("Context") or None,
     )
-
-
-def _known(value: Any) -> str | None:
-    return None if not value or value in ("<unknown>", "unknown") else str(value)
 
 
 class AmiAgent(Resource):
     """One AMI connection; `run()` until cancelled. Off unless AMI_HOST/AMI_USERNAME/AMI_SECRET are set."""
 
     def __init__(
-        self, *, host: str, port: int, username: str, secret: str, contexts: frozenset[str], digit: str,
-        region: str, pipeline: OptOutPipeline, ping_interval: float = 5.0, action_timeout: float = 2.0,
-        remember_seconds: float = 3600.0,
+        self, *, host: str, port: int, username: str, secret: str, contexts: frozenset[str], intake: Intake,
+        ping_interval: float = 5.0, action_timeout: float = 2.0,
     ) -> None:
         if not contexts:
             raise TelephonyError("the AMI agent needs at least one context to watch (AMI_DTMF_CONTEXTS)")
@@ -118,16 +114,11 @@ class AmiAgent(Resource):
         self._username = username
         self._secret = secret
         self._contexts = contexts
-        self._digit = digit
-        self._region = region
-        self._pipeline = pipeline
+        self._intake = intake
         self._ping_interval = ping_interval
         self._timeout = action_timeout
-        self._remember = remember_seconds
         self._manager: _Manager | None = None
-        self._opted_out: OrderedDict[str, float] = OrderedDict()
-        self._hangup_seen: dict[str, asyncio.Future[datetime]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._looking_up: dict[str, asyncio.Task[None]] = {}
         self._accepting = True
         self.connected = False
 
@@ -136,15 +127,13 @@ class AmiAgent(Resource):
         """Log off and close the socket. Safe to call twice."""
         self._accepting = False
         self._close_manager()
+        for task in list(self._looking_up.values()):
+            task.cancel()
 
     async def stop_accepting(self) -> None:
-        """SIGTERM: no new presses are taken; in-flight hangups and opt-outs go on."""
+        """SIGTERM: no new presses are taken; in-flight hangups go on."""
         self._accepting = False
         self._close_manager()
-
-    async def drain(self, within: float) -> None:
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=within)
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
@@ -207,78 +196,71 @@ class AmiAgent(Resource):
     # --- events (synchronous: an exception here would break panoramisk's reader) ------------------------
     def _on_dtmf(self, manager: Any, event: Any) -> None:
         try:
-            if (event.get("Direction") != "Received" or event.get("Digit") != self._digit
+            if (event.get("Direction") != "Received" or event.get("Digit") != self._intake.digit
                     or event.get("Context") not in self._contexts or not self._accepting):
                 return
             facts = facts_from_ami(event)
-            if not self._first_press(facts.uniqueid):
+            if self._intake.seen(facts.uniqueid) or facts.uniqueid in self._looking_up:
                 return  # a second press, "99", or a press already being handled: one opt-out per channel
+            self._intake.arrived(facts, Origin.AMI)
             pressed_at = event_time(event)
-            self._hangup_seen[facts.uniqueid] = asyncio.get_running_loop().create_future()
-            hangup: asyncio.Task[HangupInfo] = self._spawn(self._hangup(facts, pressed_at),
-                                                           name=f"ami-hangup-{facts.uniqueid}")
-            record = call_record(facts, origin=Origin.AMI, digit=self._digit, pressed_at=pressed_at,
-                                 region=self._region)
-
-            async def terminate() -> HangupInfo:
-                return await hangup
-
-            self._spawn(self._record(record, terminate), name=f"ami-optout-{facts.uniqueid}")
+            if facts.var("OPTOUT_NUMBER") is not None:
+                self._press(facts, pressed_at)
+                return
+            task = asyncio.get_running_loop().create_task(self._press_after_lookup(facts, pressed_at),
+                                                          name=f"ami-dialled-{facts.uniqueid}")
+            self._looking_up[facts.uniqueid] = task
+            task.add_done_callback(lambda _: self._looking_up.pop(facts.uniqueid, None))
         except Exception:
             log.exception("could not handle a DTMFEnd event", extra={"uniqueid": event.get("Uniqueid")})
 
+    def _press(self, facts: ChannelFacts, pressed_at: datetime) -> None:
+        self._intake.press(facts, origin=Origin.AMI, pressed_at=pressed_at,
+                           hang_up=lambda: self._hang_up(facts.name))
+
+    async def _press_after_lookup(self, facts: ChannelFacts, pressed_at: datetime) -> None:
+        request_uri, remote_uri = await asyncio.gather(self._getvar(facts.name, REQUEST_URI),
+                                                       self._getvar(facts.name, REMOTE_URI))
+        self._press(dataclasses.replace(facts, dialled=dialled_number(request_uri, remote_uri)), pressed_at)
+
+    async def _getvar(self, channel: str, name: str) -> str | None:
+        """A channel variable or function over AMI; None when it cannot be read."""
+        manager = self._manager
+        if manager is None:
+            return None
+        try:
+            reply = await asyncio.wait_for(
+                manager.send_action({"Action": "Getvar", "Channel": channel, "Variable": name}), self._timeout)
+        except (TimeoutError, OSError) as exc:
+            log.debug("AMI Getvar %s failed: %s", name, exc)
+            return None
+        if not reply.success:
+            return None
+        value = reply.get("Value")
+        return "" if value in (None, "(null)") else str(value)
+
     def _on_hangup(self, manager: Any, event: Any) -> None:
         try:
-            seen = self._hangup_seen.get(str(event.get("Uniqueid")))
-            if seen is not None and not seen.done():
-                seen.set_result(event_time(event))
+            uniqueid = event.get("Uniqueid")
+            if uniqueid:
+                self._intake.hangup_seen(str(uniqueid), event_time(event))
         except Exception:
             log.exception("could not handle a hangup event")
 
-    def _first_press(self, uniqueid: str) -> bool:
-        now = time.monotonic()
-        while self._opted_out and next(iter(self._opted_out.values())) < now - self._remember:
-            self._opted_out.popitem(last=False)
-        if uniqueid in self._opted_out:
-            return False
-        self._opted_out[uniqueid] = now
-        return True
-
-    def _spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _hangup(self, facts: ChannelFacts, pressed_at: datetime) -> HangupInfo:
+    async def _hang_up(self, channel: str) -> HangupInfo:
+        """The Hangup action; never raises."""
         requested = datetime.now(UTC)
         manager = self._manager
         try:
             if manager is None:
                 raise TelephonyError("AMI is not connected")
             reply = await asyncio.wait_for(
-                manager.send_action({"Action": "Hangup", "Channel": facts.name, "Cause": "16"}), self._timeout
+                manager.send_action({"Action": "Hangup", "Channel": channel, "Cause": "16"}), self._timeout
             )
         except (TelephonyError, TimeoutError, OSError) as exc:
-            log.error("AMI Hangup failed: %s", exc or "timeout", extra={"channel": facts.name})
-            self._hangup_seen.pop(facts.uniqueid, None)
+            log.error("AMI Hangup failed: %s", exc or "timeout", extra={"channel": channel})
             return HangupInfo(requested_at=requested, method="ami", result=f"error: {exc or 'timeout'}"[:200])
-        metrics.PRESS_TO_HANGUP.labels("ami").observe(max(0.0, (datetime.now(UTC) - pressed_at).total_seconds()))
         ok = bool(reply.success)
         result = "ok" if ok else ("gone" if "No such channel" in str(reply.get("Message")) else
                                   f"refused: {reply.get('Message')}"[:200])
-        hungup_at = None
-        seen = self._hangup_seen.get(facts.uniqueid)
-        if ok and seen is not None:
-            with contextlib.suppress(TimeoutError):
-                hungup_at = await asyncio.wait_for(asyncio.shield(seen), 1.0)
-        self._hangup_seen.pop(facts.uniqueid, None)
-        return HangupInfo(requested_at=requested, hungup_at=hungup_at, method="ami", result=result)
-
-    async def _record(self, record: OptOutRecord, terminate: Terminator) -> None:
-        try:
-            await self._pipeline.submit(record, terminate=terminate)
-        except JournalError as exc:
-            log.critical("opt-out could not be journaled: %s", exc, extra={"event_id": record.event_id})
-        except Exception:
-            log.exception("opt-out pipeline failed", extra={"event_id": record.event_id})
+        return HangupInfo(requested_at=requested, method="ami", result=result)

@@ -1,6 +1,6 @@
-"""The composition root: opens every resource in an AsyncExitStack and runs the agent's named tasks.
+"""The agent's composition root: opens every resource in an AsyncExitStack and runs the named tasks.
 
-`open_core` is shared by the agent and the CLI (each its own process); `run_agent` is the agent.
+Nothing else wires things together; only `python -m agent` / `optout run` import this module.
 """
 
 from __future__ import annotations
@@ -8,117 +8,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from datetime import timedelta
 
+from agent import metrics
 from agent.agi import AgiServer
 from agent.ami import AmiAgent
 from agent.ari import AriAgent
-from agent.backoff import Backoff
-from agent.cache import RedisCache
-from agent.errors import StoreUnavailable
+from agent.core import Core, drain_inflight, migrate_until_done, open_core, supervised
+from agent.health import Health
 from agent.http import AgentHttp
-from agent.journal import Journal
-from agent.pipeline import OptOutPipeline, Replayer
-from agent.precheck import BlacklistChecker, CacheReconciler
+from agent.intake import Intake
+from agent.pipeline import Replayer
 from agent.publisher import SnsPublisher
 from agent.settings import Settings
-from agent.store import Store
-from agent.store_postgres import PostgresStore
-from agent.store_sqlite import SqliteStore
 
 log = logging.getLogger("agent.app")
 
 
-@dataclass
-class Core:
-    """The opt-out core, open: what every entry point calls."""
-
-    settings: Settings
-    store: Store
-    cache: RedisCache | None
-    journal: Journal
-    pipeline: OptOutPipeline
-    checker: BlacklistChecker
-
-
-def make_store(settings: Settings) -> Store:
-    if settings.database_url is not None:
-        return PostgresStore(settings.database_url.get_secret_value(), pool_size=settings.db_pool_size)
-    return SqliteStore(settings.optout_db_path)
-
-
-async def open_core(
-    settings: Settings, stack: AsyncExitStack, *, publish: bool = False, on_stored: Callable[[], None] | None = None
-) -> Core:
-    """Open the journal, store and cache (closed by `stack`); `publish` keeps journal rows for the SNS outbox."""
-    journal = await stack.enter_async_context(Journal(settings.optout_journal_path, publish=publish))
-    store = await stack.enter_async_context(make_store(settings))
-    cache = None
-    if settings.redis_dsn is not None:
-        cache = await stack.enter_async_context(RedisCache(settings.redis_dsn))
-    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache, on_stored=on_stored)
-    checker = BlacklistChecker(store=store, cache=cache, region=settings.optout_default_region)
-    return Core(settings, store, cache, journal, pipeline, checker)
-
-
-async def supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:
-    """Run a background task; an unexpected error is logged and the task restarted with backoff, so one
-    broken part (a library raising something new) never takes the whole agent down with it."""
-    backoff = Backoff(f"task {name}", initial=0.5, maximum=10.0, logger=log)
-    while True:
-        try:
-            await run()
-            return
-        except Exception:
-            log.exception("background task %s failed; restarting it", name)
-            await asyncio.sleep(backoff.delay())
-
-
-def make_ari(settings: Settings, core: Core) -> AriAgent | None:
-    """The ARI agent, when enabled and given a password (ARI_PASSWORD or ARI_PASSWORD_FILE)."""
+def make_ari(settings: Settings, intake: Intake) -> AriAgent | None:
+    """The ARI way in, when enabled and given a password (ARI_PASSWORD or ARI_PASSWORD_FILE)."""
     if not settings.ari_enabled:
         return None
     if settings.ari_password is None:
         log.error("ARI_PASSWORD (or ARI_PASSWORD_FILE) is not set: the ARI agent is off")
         return None
-    return AriAgent(
-        url=settings.ari_url, username=settings.ari_username, password=settings.ari_password.get_secret_value(),
-        app=settings.ari_app, digit=settings.optout_digit, region=settings.optout_default_region,
-        pipeline=core.pipeline, hangup_connections=settings.ari_hangup_connections,
-    )
+    return AriAgent(url=settings.ari_url, username=settings.ari_username,
+                    password=settings.ari_password.get_secret_value(), app=settings.ari_app, intake=intake,
+                    hangup_connections=settings.ari_hangup_connections)
 
 
-def make_agi(settings: Settings, core: Core) -> AgiServer | None:
-    """The FastAGI server (routes `optout` and `precheck`), unless AGI_ENABLED is false."""
+def make_agi(settings: Settings, intake: Intake, core: Core) -> AgiServer | None:
+    """The FastAGI server (scripts `optout` and `precheck`), unless AGI_ENABLED is false."""
     if not settings.agi_enabled:
         return None
-    return AgiServer(host=settings.agi_host, port=settings.agi_port, digit=settings.optout_digit,
-                     region=settings.optout_default_region, pipeline=core.pipeline, checker=core.checker)
+    return AgiServer(host=settings.agi_host, port=settings.agi_port, intake=intake, guard=core.guard)
 
 
-def make_ami(settings: Settings, core: Core) -> AmiAgent | None:
+def make_ami(settings: Settings, intake: Intake) -> AmiAgent | None:
     """The AMI DTMF watcher, when AMI_HOST, AMI_USERNAME and AMI_SECRET are all set."""
     if not (settings.ami_host and settings.ami_username and settings.ami_secret):
         return None
     return AmiAgent(host=settings.ami_host, port=settings.ami_port, username=settings.ami_username,
                     secret=settings.ami_secret.get_secret_value(),
-                    contexts=settings.ami_contexts or frozenset({"optout-plain-ivr"}),
-                    digit=settings.optout_digit, region=settings.optout_default_region, pipeline=core.pipeline)
+                    contexts=settings.ami_contexts or frozenset({"optout-plain-ivr"}), intake=intake)
 
 
-async def migrate_until_done(store: Store) -> None:
-    """Create/upgrade the schema, retrying while the store is down (the journal holds opt-outs meanwhile)."""
-    backoff = Backoff("store migration", initial=0.5, maximum=10.0, logger=log)
+async def watch_loop_lag(every: float = 0.1) -> None:
+    """How late the event loop runs a timer: the agent's own share of press-to-hangup latency."""
+    loop = asyncio.get_running_loop()
     while True:
-        try:
-            applied = await store.migrate()
-            if applied:
-                log.info("schema migrations applied: %s", ", ".join(applied))
-            return
-        except StoreUnavailable as exc:
-            await asyncio.sleep(backoff.delay(exc))
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        metrics.LOOP_LAG.observe(max(0.0, loop.time() - due))
 
 
 async def run_agent(settings: Settings) -> int:
@@ -141,69 +85,71 @@ async def run_agent(settings: Settings) -> int:
             endpoint_url=settings.aws_endpoint_url,
         ))
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
-        ready: dict[str, Callable[[], bool]] = {"journal": lambda: True}
+        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds,
+                        retention=timedelta(days=settings.optout_journal_retention_days))
+        intake = Intake(pipeline=core.pipeline, digit=settings.optout_digit, region=settings.optout_default_region)
+        ready: dict[str, Callable[[], bool]] = {"journal": lambda: health.journal_ok}
         if core.cache is None:
             log.info("Redis not configured: the cache is off and pre-dial checks go to the store")
-        ari = make_ari(settings, core)
+        ari = make_ari(settings, intake)
         if ari is not None:
             await stack.enter_async_context(ari)
             ready["ari"] = lambda: ari.connected
-        agi = make_agi(settings, core)
+        agi = make_agi(settings, intake, core)
         if agi is not None:
             await stack.enter_async_context(agi)  # binds now: a taken port is an error at start
             ready["agi"] = lambda: agi.listening
-        ami = make_ami(settings, core)
+        ami = make_ami(settings, intake)
         if ami is not None:
             await stack.enter_async_context(ami)
             ready["ami"] = lambda: ami.connected
-        await stack.enter_async_context(
-            AgentHttp(
-                host=settings.agent_http_host,
-                port=settings.agent_http_port,
-                readiness=lambda: {name: probe() for name, probe in ready.items()},
-                terminate_call=ari.terminate_call if ari is not None else None,
-                api_token=settings.agent_api_token.get_secret_value() if settings.agent_api_token else None,
-            )
-        )
+
+        def advisory() -> dict[str, bool]:
+            info = {"store": health.store_ok}
+            if core.cache_sync is not None:
+                info["cache_current"] = core.cache_sync.current
+            return info
+
+        await stack.enter_async_context(AgentHttp(
+            host=settings.agent_http_host, port=settings.agent_http_port,
+            readiness=lambda: {name: probe() for name, probe in ready.items()}, advisory=advisory,
+            hang_up_call=ari.hang_up_call if ari is not None else None,
+            originate=ari.originate if ari is not None else None, guard=core.guard,
+            api_token=settings.agent_api_token.get_secret_value() if settings.agent_api_token else None,
+        ))
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(supervised("store-migrate", lambda: migrate_until_done(core.store)),
-                               name="store-migrate"),
-                tg.create_task(supervised("journal-replayer", replayer.run), name="journal-replayer"),
-                tg.create_task(supervised("sns-publisher", publisher.run), name="sns-publisher"),
-            ]
-            if core.cache is not None:
-                reconciler = CacheReconciler(
-                    store=core.store, cache=core.cache, interval=settings.reconcile_interval_seconds
-                )
-                tasks.append(tg.create_task(supervised("cache-reconciler", reconciler.run), name="cache-reconciler"))
+            named = {
+                "store-migrate": lambda: migrate_until_done(core.store),
+                "journal-replayer": replayer.run,
+                "health": health.run,
+                "loop-lag": watch_loop_lag,
+            }
+            if publisher.enabled:
+                named["sns-publisher"] = publisher.run
+            else:
+                log.info("OPTOUT_EVENTS_TOPIC_ARN is not set: publishing opt-outs to SNS is off")
+            if core.cache_sync is not None:
+                named["cache-sync"] = core.cache_sync.run
             if ari is not None:
-                tasks.append(tg.create_task(supervised("ari-listener", ari.run), name="ari-listener"))
+                named["ari-listener"] = ari.run
             if ami is not None:
-                tasks.append(tg.create_task(supervised("ami-listener", ami.run), name="ami-listener"))
-            log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None})
+                named["ami-listener"] = ami.run
+            tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]
+            log.info("agent running", extra={"store": core.store.dialect, "redis": core.cache is not None,
+                                             "journal_sync": settings.optout_journal_sync})
             await stop.wait()
+            started = time.monotonic()
             log.info("stopping: finishing in-flight opt-outs")
-            # Presses keep being honoured (hung up and journaled) while in-flight work finishes; only then
+            # Presses keep being honoured (journaled and hung up) while in-flight work finishes; only then
             # are the sockets closed, and what is still running gets a last short drain.
-            intakes = [x for x in (ari, agi, ami) if x is not None]
-            for intake in intakes:
-                await intake.drain(within=5.0)
-            for intake in intakes:
-                await intake.stop_accepting()
-            for intake in intakes:
-                await intake.drain(within=2.0)
+            ways_in = [x for x in (ari, agi, ami) if x is not None]
+            await intake.drain(within=5.0)
+            for way_in in ways_in:
+                await way_in.stop_accepting()
+            await intake.drain(within=2.0)
             await drain_inflight(core.pipeline, within=5.0)
+            await core.guard.drain(within=1.0)
             for task in tasks:
                 task.cancel()
-    log.info("agent stopped")
+    log.info("agent stopped", extra={"shutdown_s": round(time.monotonic() - started, 2)})
     return 0
-
-
-async def drain_inflight(pipeline: OptOutPipeline, *, within: float) -> None:
-    """Wait until the pipeline has nothing in flight (what is left stays journaled for the next start)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while pipeline.inflight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a set
-        await asyncio.sleep(0.02)
-    if pipeline.inflight:
-        log.warning("%d opt-outs still in flight at shutdown; they stay journaled", len(pipeline.inflight))

@@ -1,6 +1,7 @@
-"""The ARI agent: catches the opt-out digit on channels in the Stasis app and hangs them up at once.
+"""The ARI way in: channels in the Stasis app, the opt-out digit from their events, hangups over REST.
 
-aioari (the design's library) opens the websocket and reads events; its known limits are contained here:
+Protocol only; the press sequence is agent/intake.py's. aioari (the design's library) opens the websocket
+and reads events; its known limits are contained here:
 - `run()` returns when the socket closes and never reconnects: `AriAgent.run` reconnects with backoff and,
   since Asterisk does not replay events sent while no socket was connected, lists the app's channels again.
 - it awaits listeners inside the socket reader, and Asterisk drops a reader stalled over 100 ms: the one
@@ -8,6 +9,8 @@ aioari (the design's library) opens the websocket and reads events; its known li
 - `aioari.connect` puts the password in the URL (api_key): the client is built with HTTP Basic auth instead.
 The hangup itself (`DELETE /channels/{id}`) goes over one kept-alive connection pool of our own, sized
 small on purpose: under a burst, requests queued on warm connections beat opening dozens of new ones.
+For a call without OPTOUT_NUMBER, the number Asterisk dialled is read once (two `GET .../variable`) when
+the channel enters the app, so it is known by the time the callee presses (agent/telephony.py says why).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,17 +34,17 @@ from aioswagger11.http_client import AsynchronousHttpClient, BasicAuthenticator
 from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import Origin
-from agent.errors import JournalError, TelephonyError
+from agent.errors import TelephonyError
+from agent.intake import Intake
 from agent.lifecycle import Resource
-from agent.optout import HangupInfo, OptOutRecord
-from agent.pipeline import OptOutPipeline, Terminator
-from agent.telephony import CHANNEL_VARS, ChannelFacts, call_record
+from agent.optout import HangupInfo
+from agent.telephony import CHANNEL_VARS, REMOTE_URI, REQUEST_URI, ChannelFacts, dialled_number, parse_ari_time
 
 log = logging.getLogger("agent.ari")
 
-HANGUP_PRIORITY_WAIT = 0.1
-"""How long an opt-out's recording may wait for other calls' hangups to go out first (seconds)."""
 HANGUP_EVENTS = frozenset({"ChannelHangupRequest", "StasisEnd", "ChannelDestroyed"})
+LOOKUP_WAIT = 0.5
+"""How long a press waits for the dialled-number lookup of a call without OPTOUT_NUMBER (seconds)."""
 
 
 @dataclass
@@ -49,14 +53,8 @@ class Channel:
 
     id: str
     facts: ChannelFacts
-    opted_out: bool = False
-    hangup_sent: bool = False
-    hangup_seen: asyncio.Future[datetime] | None = field(default=None, repr=False)
-
-
-def parse_ari_time(value: str) -> datetime:
-    """ARI timestamps look like 2026-11-25T12:25:11.945+0000."""
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z")
+    lookup: asyncio.Task[str | None] | None = None
+    pressing: bool = False
 
 
 def basic_auth(username: str, password: str) -> str:
@@ -103,31 +101,23 @@ class AriAgent(Resource):
     """One ARI connection for one Stasis app; `run()` until cancelled."""
 
     def __init__(
-        self, *, url: str, username: str, password: str, app: str, digit: str, region: str,
-        pipeline: OptOutPipeline, hangup_connections: int = 4, request_timeout: float = 2.0,
+        self, *, url: str, username: str, password: str, app: str, intake: Intake, hangup_connections: int = 4,
+        request_timeout: float = 2.0,
     ) -> None:
         self._url = url.rstrip("/")
         self._username = username
         self._password = password
         self._app = app
-        self._digit = digit
-        self._region = region
-        self._pipeline = pipeline
+        self._intake = intake
         self._hangup_connections = hangup_connections
         self._timeout = request_timeout
         self._channels: dict[str, Channel] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lookups: set[asyncio.Task[Any]] = set()
         self._rest: aiohttp.ClientSession | None = None
         self._client: Any = None
         self._http_client: _HeaderAuthHttpClient | None = None
         self._accepting = True
         self.connected = False
-        # Hangups first: the store and Redis work of an opt-out waits while any hangup is in flight, so
-        # under a burst every call is ended before the machine spends time on recording (the journal
-        # write is not held back: it runs alongside the hangup).
-        self._hangups_in_flight = 0
-        self._no_hangup_in_flight = asyncio.Event()
-        self._no_hangup_in_flight.set()
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -139,12 +129,19 @@ class AriAgent(Resource):
         )
 
     async def close(self) -> None:
-        """Close the websocket and the REST pool (after `drain`). Safe to call twice."""
+        """Close the websocket and the REST pool (after the intake drained). Safe to call twice."""
         self._accepting = False
         await self._close_client()
+        for task in list(self._lookups):
+            task.cancel()
         if self._rest is not None:
             rest, self._rest = self._rest, None
             await rest.close()
+
+    async def stop_accepting(self) -> None:
+        """SIGTERM: close the websocket so no new event comes in; in-flight hangups go on."""
+        self._accepting = False
+        await self._close_client()
 
     async def run(self) -> None:
         """Connect, read events, reconnect with backoff when the socket drops; until cancelled or stopped."""
@@ -222,16 +219,6 @@ class AriAgent(Resource):
         self.connected = value
         metrics.CONNECTED.labels("ari").set(1 if value else 0)
 
-    async def stop_accepting(self) -> None:
-        """SIGTERM: close the websocket so no new event comes in; in-flight hangups and opt-outs go on."""
-        self._accepting = False
-        await self._close_client()
-
-    async def drain(self, within: float) -> None:
-        """Wait for in-flight opt-out tasks (what does not finish stays journaled)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=within)
-
     async def _resync(self) -> None:
         """After (re)connecting: track every channel the app holds now."""
         assert self._rest is not None
@@ -262,13 +249,11 @@ class AriAgent(Resource):
             self._on_dtmf(event)
         elif kind in HANGUP_EVENTS:
             chan_id = event["channel"]["id"]
-            chan = self._channels.get(chan_id)
-            if chan is None:
-                return
-            if chan.hangup_seen is not None and not chan.hangup_seen.done():
-                chan.hangup_seen.set_result(parse_ari_time(event["timestamp"]))
+            self._intake.hangup_seen(chan_id, parse_ari_time(event.get("timestamp")) or datetime.now(UTC))
             if kind != "ChannelHangupRequest":
-                self._channels.pop(chan_id, None)
+                chan = self._channels.pop(chan_id, None)
+                if chan is not None and chan.lookup is not None and not chan.pressing:
+                    chan.lookup.cancel()
         # Every other event type is of no interest and is ignored.
 
     def _track(self, channel: dict[str, Any]) -> Channel:
@@ -276,89 +261,108 @@ class AriAgent(Resource):
         chan = self._channels.get(facts.uniqueid)
         if chan is None:
             chan = self._channels[facts.uniqueid] = Channel(facts.uniqueid, facts)
+            self._intake.arrived(facts, Origin.ARI)
+            if facts.var("OPTOUT_NUMBER") is None:
+                chan.lookup = self._spawn(self._dialled(facts.uniqueid), name=f"ari-dialled-{facts.uniqueid}")
         return chan
 
     def _on_dtmf(self, event: dict[str, Any]) -> None:
-        if event["digit"] != self._digit:
+        if event["digit"] != self._intake.digit:
             return
         chan_id = event["channel"]["id"]
+        if self._intake.seen(chan_id):
+            return  # a second press, or "99": one opt-out
         chan = self._channels.get(chan_id)
         if chan is None:
             # A press on a channel we never saw start (e.g. events lost across a reconnect): still honour it.
             log.warning("opt-out digit on a channel the agent had not tracked; handling it", extra={"channel": chan_id})
             chan = self._track(event["channel"])
-        if chan.opted_out:
-            return  # a second press, or "99": one opt-out
-        chan.opted_out = True
-        pressed_at = parse_ari_time(event["timestamp"])
-        chan.hangup_seen = asyncio.get_running_loop().create_future()
-        self._hangups_in_flight += 1
-        self._no_hangup_in_flight.clear()
-        record = call_record(chan.facts, origin=Origin.ARI, digit=self._digit, pressed_at=pressed_at,
-                             region=self._region)
+        pressed_at = parse_ari_time(event.get("timestamp")) or datetime.now(UTC)
+        if chan.lookup is not None and chan.lookup.done() and not chan.lookup.cancelled():
+            if not chan.lookup.exception() and (dialled := chan.lookup.result()):
+                chan.facts = dataclasses.replace(chan.facts, dialled=dialled)
+            chan.lookup = None
+        if chan.lookup is None:
+            self._press(chan, pressed_at)
+        elif not chan.pressing:
+            chan.pressing = True
+            self._spawn(self._press_after_lookup(chan, pressed_at), name=f"ari-press-{chan_id}")
 
-        async def terminate() -> HangupInfo:
-            # The pipeline calls this as soon as the opt-out is in the journal.
-            info = await self._hangup(chan, pressed_at)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._no_hangup_in_flight.wait(), HANGUP_PRIORITY_WAIT)
-            return info
+    def _press(self, chan: Channel, pressed_at: datetime) -> None:
+        chan_id = chan.id
+        self._intake.press(chan.facts, origin=Origin.ARI, pressed_at=pressed_at,
+                           hang_up=lambda: self.hang_up_channel(chan_id))
 
-        self._spawn(self._record(record, terminate, chan), name=f"ari-optout-{chan_id}")
+    async def _press_after_lookup(self, chan: Channel, pressed_at: datetime) -> None:
+        assert chan.lookup is not None
+        dialled = None
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            dialled = await asyncio.wait_for(asyncio.shield(chan.lookup), LOOKUP_WAIT)
+        if dialled:
+            chan.facts = dataclasses.replace(chan.facts, dialled=dialled)
+        self._press(chan, pressed_at)
 
     def _spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
         return task
 
-    async def _hangup(self, chan: Channel, pressed_at: datetime) -> HangupInfo:
-        assert self._rest is not None
-        chan.hangup_sent = True
-        requested = datetime.now(UTC)
-        started = time.perf_counter()
+    async def _dialled(self, chan_id: str) -> str | None:
+        """The number Asterisk dialled on the channel, when it is an outbound PJSIP one."""
+        request_uri, remote_uri = await asyncio.gather(self._variable(chan_id, REQUEST_URI),
+                                                       self._variable(chan_id, REMOTE_URI))
+        return dialled_number(request_uri, remote_uri)
+
+    async def _variable(self, chan_id: str, name: str) -> str | None:
+        """A channel variable or function; None when it cannot be read (not that channel type, gone)."""
+        if self._rest is None:
+            return None
         try:
-            async with self._rest.delete(
-                f"{self._url}/ari/channels/{chan.id}", params={"reason_code": "16"}
-            ) as resp:
+            async with self._rest.get(f"{self._url}/ari/channels/{chan_id}/variable",
+                                      params={"variable": name}) as resp:
+                if resp.status != 200:
+                    return None
+                value = (await resp.json()).get("value")
+                return value if isinstance(value, str) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("reading %s of %s failed: %s", name, chan_id, exc)
+            return None
+
+    # --- hanging up ----------------------------------------------------------------------------------------
+    async def hang_up_channel(self, chan_id: str) -> HangupInfo:
+        """`DELETE /channels/{id}`; never raises (a failure comes back in the result)."""
+        requested = datetime.now(UTC)
+        if self._rest is None:
+            return HangupInfo(requested_at=requested, method="ari", result="error: ARI client closed")
+        try:
+            async with self._rest.delete(f"{self._url}/ari/channels/{chan_id}", params={"reason_code": "16"}) as resp:
                 await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.error("hangup request failed: %s", exc, extra={"channel": chan.id})
-            return HangupInfo(requested_at=requested, method="ari", result=f"error: {exc}"[:200])
-        finally:
-            self._hangups_in_flight -= 1
-            if self._hangups_in_flight == 0:
-                self._no_hangup_in_flight.set()
-        metrics.PRESS_TO_HANGUP.labels("ari").observe(max(0.0, (datetime.now(UTC) - pressed_at).total_seconds()))
+            log.error("hangup request failed: %s", exc or type(exc).__name__, extra={"channel": chan_id})
+            return HangupInfo(requested_at=requested, method="ari", result=f"error: {exc or type(exc).__name__}"[:200])
         result = "ok" if status == 204 else ("gone" if status == 404 else f"http {status}")
-        log.debug("hangup %s: %s, requested %.1f ms after the press, answered in %.1f ms", chan.id, result,
-                  (requested - pressed_at).total_seconds() * 1000, (time.perf_counter() - started) * 1000)
-        hungup_at = None
-        if chan.hangup_seen is not None:
-            with contextlib.suppress(TimeoutError):
-                hungup_at = await asyncio.wait_for(asyncio.shield(chan.hangup_seen), 1.0)
-        return HangupInfo(requested_at=requested, hungup_at=hungup_at, method="ari", result=result)
+        return HangupInfo(requested_at=requested, method="ari", result=result)
 
-    async def _record(self, record: OptOutRecord, terminate: Terminator, chan: Channel) -> None:
+    async def hang_up_call(self, call_id: str) -> list[HangupInfo]:
+        """Hang up every tracked channel whose CALL_ID is `call_id` (the hangup endpoint); [] when none."""
+        matches = [c.id for c in self._channels.values() if c.facts.var("CALL_ID") == call_id]
+        return list(await asyncio.gather(*(self.hang_up_channel(chan_id) for chan_id in matches)))
+
+    # --- placing calls (the dial guard's originate) --------------------------------------------------------
+    async def originate(self, endpoint: str, variables: dict[str, str], caller_id: str | None) -> str:
+        """Originate a call into the app with `variables` set; returns the channel id. Raises TelephonyError."""
+        if self._rest is None or not self.connected:
+            raise TelephonyError("ARI is not connected: the call cannot be placed")
+        params = {"endpoint": endpoint, "app": self._app, **({"callerId": caller_id} if caller_id else {})}
         try:
-            await self._pipeline.submit(record, terminate=terminate)
-        except JournalError as exc:
-            log.critical("opt-out could not be journaled: %s", exc, extra={"event_id": record.event_id})
-        except Exception:
-            log.exception("opt-out pipeline failed; ending the call anyway", extra={"event_id": record.event_id})
-        finally:
-            if not chan.hangup_sent:  # the pipeline never got to it: the call still ends
-                await self._hangup(chan, record.pressed_at or datetime.now(UTC))
-
-    # --- the termination endpoint ----------------------------------------------------------------------
-    async def terminate_call(self, call_id: str) -> bool:
-        """Hang up every tracked channel whose CALL_ID is `call_id`; False when there is none."""
-        assert self._rest is not None
-        matches = [c for c in self._channels.values() if c.facts.var("CALL_ID") == call_id]
-        done = False
-        for chan in matches:
-            async with self._rest.delete(f"{self._url}/ari/channels/{chan.id}", params={"reason_code": "16"}) as r:
-                await r.read()
-                done = done or r.status in (204, 404)
-        return done
+            async with self._rest.post(f"{self._url}/ari/channels", params=params,
+                                       json={"variables": variables}) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise TelephonyError(f"Asterisk refused the originate: HTTP {resp.status} {text[:200]}")
+                channel_id = str((await resp.json()).get("id"))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TelephonyError(f"originate over ARI failed: {exc or type(exc).__name__}") from exc
+        return channel_id

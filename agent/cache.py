@@ -1,37 +1,118 @@
-"""Redis: the keys the dialers' pre-dial check reads. Non-critical: the store is the system of record.
+"""Redis: the keys the dialers' pre-dial check reads. The store is the system of record.
 
-`blacklist:synced` marks a set known to hold the whole store; Redis that restarted empty has no marker,
-and the pre-dial check then asks the store instead (fail closed).
+Keys (agent/constants.py): the set `blacklist:numbers` (always holding a sentinel member, so a missing set
+means the data was lost), the entries `blacklist:{phone}`, `blacklist:seq` (the store change the set holds
+up to) and the lease `blacklist:synced` (present only while an agent has recently proven the set current;
+readers trust a "clear" answer only while it exists). Changes from the store's feed are applied by one
+compare-and-set script, so keepers in several agents never apply them out of order.
+
+The scripts touch several keys: Redis standalone or Sentinel (not Cluster).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agent.constants import (
     ACTION_TTL_SECONDS,
+    BLACKLIST_SENTINEL,
+    BLACKLIST_SEQ,
     BLACKLIST_SET,
     BLACKLIST_SYNCED,
-    Source,
+    PENDING_TTL_SECONDS,
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
+    pending_key,
+    sns_message_key,
 )
 from agent.errors import CacheUnavailable
 from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord
-from agent.store import Store
+from agent.store import Change
+
+# KEYS: seq, set, lease, then per op its entry key and pending key. ARGV: expected seq ('' = none), new
+# seq, lease ms (0 = leave it), op count, sentinel, then per op: 'a'|'r', phone, entry json | removal ms.
+_APPLY = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+for i = 1, tonumber(ARGV[4]) do
+  local base = 5 + 3 * (i - 1)
+  local phone, payload = ARGV[base + 2], ARGV[base + 3]
+  if ARGV[base + 1] == 'a' then
+    redis.call('SADD', KEYS[2], phone)
+    redis.call('SET', KEYS[2 + 2 * i], payload, 'NX')
+  else
+    local accepted = redis.call('GET', KEYS[3 + 2 * i])
+    if (not accepted) or tonumber(accepted) < tonumber(payload) then
+      redis.call('SREM', KEYS[2], phone)
+      redis.call('DEL', KEYS[2 + 2 * i])
+    end
+  end
+end
+redis.call('SADD', KEYS[2], ARGV[5])
+redis.call('SET', KEYS[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3])) end
+return 1
+"""
+# KEYS: set, entry, pending. ARGV: phone, removal ms.
+_RETRACT = """
+local accepted = redis.call('GET', KEYS[3])
+if accepted and tonumber(accepted) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+# KEYS: seq, set, lease. ARGV: expected seq, lease ms.
+_RENEW = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class CacheState:
+    seq: int | None
+    """The store change the set holds up to (None: unknown, the set must be rebuilt)."""
+    set_exists: bool
+    lease: int | None
+    """The sequence the lease vouches for (None: no lease, nobody proved the set current lately)."""
+
+
+@dataclass(frozen=True)
+class CacheAnswer:
+    members: list[bool]
+    lease: int | None
+    set_exists: bool
+
+    @property
+    def current(self) -> bool:
+        """Whether a "clear" from the set may be trusted (the lease holds and the set exists)."""
+        return self.lease is not None and self.set_exists
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 class RedisCache(Resource):
-    """The Redis side of the blacklist (async context manager)."""
+    """The Redis side of the blacklist (async context manager). Every method raises CacheUnavailable."""
 
     def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
@@ -41,18 +122,21 @@ class RedisCache(Resource):
             max_connections=max_connections,
             decode_responses=True,
         )
+        self._apply = self._redis.register_script(_APPLY)
+        self._renew = self._redis.register_script(_RENEW)
+        self._retract = self._redis.register_script(_RETRACT)
         self._closed = False
-        self.dirty = False
-        """A write failed: the set may miss a stored number until reconciliation rebuilds it."""
-
-    @property
-    def client(self) -> aioredis.Redis:
-        return self._redis
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
             await self._redis.aclose()
+
+    async def _execute(self, pipe: aioredis.client.Pipeline) -> list[object]:
+        try:
+            return list(await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
 
     async def ping(self) -> None:
         try:
@@ -60,45 +144,101 @@ class RedisCache(Resource):
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
-    async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[None]:
-        """For each new opt-out: set membership, entry, action record and campaign counter; one round trip.
-
-        A failure marks the cache dirty (see `dirty`) before raising CacheUnavailable.
-        """
+    # --- the pipeline's write, before the store -------------------------------------------------------
+    async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[datetime]:
+        """Make each opt-out visible to the dialers (set member, entry, pending mark, action record) in one
+        round trip, then count new ones per campaign. Returns when Redis confirmed each."""
         pipe = self._redis.pipeline(transaction=False)
         for record in records:
             if record.phone_number is not None:
+                # The pending mark first: a removal applied in between must already see it.
+                pipe.set(pending_key(record.phone_number), _ms(record.received_at), ex=PENDING_TTL_SECONDS)
                 pipe.sadd(BLACKLIST_SET, record.phone_number)
                 pipe.set(blacklist_entry_key(record.phone_number), record.entry().to_json(), nx=True)
-            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS)
-            if record.campaign_id is not None:
-                pipe.incr(campaign_counter_key(record.campaign_id))
-        try:
-            await self._execute(pipe)
-        except CacheUnavailable:
-            await self.mark_dirty()
-            raise
-        return [None] * len(records)
+            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
+        replies = await self._execute(pipe)
+        confirmed = datetime.now(UTC)
+        # A redelivered opt-out finds its action record already there: it is not counted again.
+        counters = self._redis.pipeline(transaction=False)
+        index = 0
+        for record in records:
+            index += 3 if record.phone_number is not None else 0
+            if replies[index] and record.campaign_id is not None:
+                counters.incr(campaign_counter_key(record.campaign_id))
+            index += 1
+        if len(counters):
+            await self._execute(counters)
+        return [confirmed] * len(records)
 
-    async def ensure_listed(self, entry: BlacklistEntry) -> None:
-        """Set membership, and the entry unless one is there already (its first addedAt wins)."""
+    async def add_pending(self, numbers: Sequence[str], *, chunk: int = 5000) -> None:
+        """Put numbers the journal holds (not in the store yet) back in the set, marked pending."""
+        now = int(time.time() * 1000)
+        for i in range(0, len(numbers), chunk):
+            pipe = self._redis.pipeline(transaction=False)
+            part = numbers[i : i + chunk]
+            for n in part:
+                pipe.set(pending_key(n), now, ex=PENDING_TTL_SECONDS)
+            pipe.sadd(BLACKLIST_SET, *part)
+            await self._execute(pipe)
+
+    # --- the keeper: state, change feed, rebuild, lease ---------------------------------------------------
+    async def state(self) -> CacheState:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(BLACKLIST_SET, entry.phone_number)
-        pipe.set(blacklist_entry_key(entry.phone_number), entry.to_json(), nx=True)
+        pipe.get(BLACKLIST_SEQ)
+        pipe.exists(BLACKLIST_SET)
+        pipe.get(BLACKLIST_SYNCED)
+        seq, exists, lease = await self._execute(pipe)
+        return CacheState(_int(seq), bool(exists), _int(lease))
+
+    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int) -> bool:
+        """Apply store changes in order if the set is still at `expected`, then mark it at `new` (and renew
+        the lease when `lease_ms`). False when another agent moved it first (nothing applied)."""
+        keys = [BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED]
+        args: list[str | int] = ["" if expected is None else str(expected), str(new), lease_ms, len(changes),
+                                 BLACKLIST_SENTINEL]
+        for change in changes:
+            keys += [blacklist_entry_key(change.phone_number), pending_key(change.phone_number)]
+            if change.op == "add":
+                assert change.entry is not None
+                args += ["a", change.phone_number, change.entry.to_json()]
+            else:
+                args += ["r", change.phone_number, _ms(change.at)]
+        try:
+            return bool(await self._apply(keys=keys, args=args))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: applying store changes failed: {exc}") from exc
+
+    async def renew(self, seq: int, *, lease_ms: int) -> bool:
+        """Renew the lease if the set is (still) at `seq`."""
+        try:
+            return bool(await self._renew(keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED],
+                                          args=[str(seq), lease_ms]))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: renewing the lease failed: {exc}") from exc
+
+    async def retract(self, phone_number: str, *, at: datetime) -> bool:
+        """Take a removed number out of the set, unless an opt-out of it was accepted at or after `at`."""
+        try:
+            return bool(await self._retract(
+                keys=[BLACKLIST_SET, blacklist_entry_key(phone_number), pending_key(phone_number)],
+                args=[phone_number, _ms(at)]))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def add_entries(self, entries: Sequence[BlacklistEntry], *, set_key: str = BLACKLIST_SET) -> None:
+        """Set membership (in `set_key`) and entries; one pipelined round trip (keep batches moderate)."""
+        if not entries:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.sadd(set_key, *(e.phone_number for e in entries))
+        pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
         await self._execute(pipe)
 
-    async def mark_dirty(self) -> None:
-        """The set may now miss a stored number: stop trusting it here, and unmark it for everyone if
-        Redis answers (the reconciler unmarks and rebuilds as soon as it does)."""
-        self.dirty = True
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.delete(BLACKLIST_SYNCED)
-
     async def add_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, chunk: int = 5000
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: str, chunk: int = 5000
     ) -> None:
         """Bulk form of add_entries for numbers sharing one addedAt, reason and source (imports)."""
-        common = json.dumps({"addedAt": added_at.isoformat(), "reason": reason, "source": source.value})[1:]
+        common = json.dumps({"addedAt": added_at.isoformat(), "reason": reason, "source": source})[1:]
         for i in range(0, len(numbers), chunk):
             part = numbers[i : i + chunk]
             pipe = self._redis.pipeline(transaction=False)
@@ -106,81 +246,44 @@ class RedisCache(Resource):
             pipe.mset({blacklist_entry_key(n): f'{{"phoneNumber":"{n}",{common}' for n in part})
             await self._execute(pipe)
 
-    async def add_entries(
-        self, entries: Sequence[BlacklistEntry], *, set_key: str = BLACKLIST_SET, chunk: int = 5000
-    ) -> None:
-        """Set membership (in `set_key`) and entries, no counters; pipelined chunks small enough for the
-        socket timeout."""
-        for i in range(0, len(entries), chunk):
-            part = entries[i : i + chunk]
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.sadd(set_key, *(e.phone_number for e in part))
-            pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in part})
-            await self._execute(pipe)
+    async def new_rebuild_key(self) -> str:
+        key = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"
+        await self.delete(key)
+        return key
 
-    async def remove(self, phone_number: str) -> None:
+    async def replace_set(self, source_key: str) -> None:
+        """Make `source_key` the live set (an exact rebuild); the sentinel is added first."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.srem(BLACKLIST_SET, phone_number)
-        pipe.delete(blacklist_entry_key(phone_number))
+        pipe.sadd(source_key, BLACKLIST_SENTINEL)
+        pipe.rename(source_key, BLACKLIST_SET)
+        pipe.delete(BLACKLIST_SEQ, BLACKLIST_SYNCED)
         await self._execute(pipe)
 
-    async def check(self, numbers: Sequence[str]) -> list[bool] | None:
-        """Membership of each number, or None when the set is not known to be complete (not synced)."""
-        if self.dirty:
-            return None
+    async def delete(self, *keys: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.exists(BLACKLIST_SYNCED)
-        pipe.smismember(BLACKLIST_SET, list(numbers))
-        synced, members = await self._execute(pipe)
-        assert isinstance(members, list)
-        if not synced:
-            return None
-        return [bool(m) for m in members]
+        pipe.delete(*keys)
+        await self._execute(pipe)
 
-    async def is_synced(self) -> bool:
-        """Whether the set is marked complete and no write of ours has failed since."""
-        if self.dirty:
-            return False
+    # --- readers --------------------------------------------------------------------------------------------
+    async def check(self, numbers: Sequence[str]) -> CacheAnswer:
+        """Membership of each number, with what is needed to trust a "clear" (see CacheAnswer.current)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(BLACKLIST_SYNCED)
+        pipe.exists(BLACKLIST_SET)
+        pipe.smismember(BLACKLIST_SET, list(numbers))
+        lease, exists, members = await self._execute(pipe)
+        assert isinstance(members, list)
+        return CacheAnswer([bool(m) for m in members], _int(lease), bool(exists))
+
+    async def message_seen(self, message_id: str) -> bool:
+        """Whether an SNS message id was applied (by any bridge) within SNS_MESSAGE_TTL_SECONDS."""
         try:
-            return bool(await self._redis.exists(BLACKLIST_SYNCED))
+            return bool(await self._redis.exists(sns_message_key(message_id)))
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
-    async def sync_from(self, store: Store, *, batch_size: int = 10_000) -> int:
-        """Rebuild the set and entries from the store; returns how many numbers the set holds.
-
-        The set is built under a temporary key and renamed over the live one, so numbers removed from the
-        store leave it too; opt-outs added while the rebuild ran are copied in again after the rename.
-        """
-        # Margin: a transaction's recorded_at is its start time, and a write may take up to the store's
-        # operation timeout to commit.
-        started = datetime.now(UTC) - timedelta(seconds=15)
-        tmp = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"
-        total = 0
-        self.dirty = False  # a write failing from here on sets it again, and the marker is then not written
+    async def remember_message(self, message_id: str, *, ttl: int) -> None:
         try:
-            await self._redis.delete(tmp)
-            async for batch in store.entries(batch_size=batch_size):
-                await self.add_entries(batch, set_key=tmp)
-                total += len(batch)
-            if total:
-                await self._redis.rename(tmp, BLACKLIST_SET)
-            else:
-                await self._redis.delete(BLACKLIST_SET)
-            async for batch in store.entries(batch_size=batch_size, since=started):
-                await self.add_entries(batch)
-            if self.dirty:
-                return total  # a write failed while rebuilding: not complete, the next round rebuilds again
-            await self._redis.set(BLACKLIST_SYNCED, datetime.now(UTC).isoformat())
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: sync failed: {exc}") from exc
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.delete(tmp)
-        return total
-
-    async def _execute(self, pipe: aioredis.client.Pipeline) -> list[object]:
-        try:
-            return list(await pipe.execute())
+            await self._redis.set(sns_message_key(message_id), "1", ex=ttl)
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc

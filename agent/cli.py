@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import admin, logs
-from agent.app import Core, open_core
 from agent.constants import Source
-from agent.errors import OptOutError, StoreUnavailable
+from agent.core import Core, open_core
+from agent.errors import OptOutError, SchemaMissing, StoreUnavailable
 from agent.phone import mask
 from agent.pipeline import Status
 from agent.settings import Settings
@@ -35,31 +35,41 @@ def _shown(number: str, settings: Settings) -> str:
 
 async def cmd_migrate(core: Core, args: argparse.Namespace) -> int:
     applied = await core.store.migrate()
-    print(f"schema up to date ({core.store.dialect}); applied now: {', '.join(applied) or 'nothing'}")
+    print(f"schema up to date ({core.store.location}); applied now: {', '.join(applied) or 'nothing'}")
     return EXIT_OK
 
 
 async def cmd_check(core: Core, args: argparse.Namespace) -> int:
     numbers = core.checker.normalise(args.numbers)
-    answers = await core.checker.check(numbers)
+    answers = await core.checker.check(numbers, strict=True)
     for raw, e164, listed in zip(args.numbers, numbers, answers, strict=True):
-        print(f"{raw}\t{e164}\t{'BLACKLISTED' if listed else 'clear'}")
-    return EXIT_FOUND if any(answers) else EXIT_OK
+        word = "BLACKLISTED" if listed else ("clear" if listed is False else "unknown (nobody can answer now)")
+        print(f"{raw}\t{e164}\t{word}")
+    if any(answers):
+        return EXIT_FOUND
+    if any(a is None for a in answers):
+        print("error: store unavailable and the cache is not proven current: not answering clear",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 async def cmd_add(core: Core, args: argparse.Namespace) -> int:
     result = await admin.add(core, args.number, source=Source(args.source), reason=args.reason, actor=_actor())
     shown = _shown(result.record.phone_number or "", core.settings)
     if result.status is Status.JOURNALED:
-        print(f"{shown}: journaled; the store is unavailable, the agent's replayer stores it", file=sys.stderr)
+        print(f"{shown}: journaled and in Redis; the store is unavailable, the agent's replayer stores it",
+              file=sys.stderr)
         return EXIT_ERROR
     print(f"{shown}: {result.outcome.value if result.outcome else result.status.value}")
     return EXIT_OK
 
 
 async def cmd_remove(core: Core, args: argparse.Namespace) -> int:
-    removed = await admin.remove(core, args.number, reason=args.reason, actor=_actor())
+    removed, note = await admin.remove(core, args.number, reason=args.reason, actor=_actor())
     print(f"{args.number}: {'removed (audited)' if removed else 'was not on the blacklist'}")
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return EXIT_OK if removed else EXIT_FOUND
 
 
@@ -70,7 +80,7 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
         if tty:
             print(f"\rimported {done:,} rows", end="", file=sys.stderr, flush=True)
 
-    with open(args.file, encoding="utf-8-sig", newline="") as fh:  # noqa: ASYNC230 - streamed, CLI only
+    with open(args.file, "rb") as fh:  # noqa: ASYNC230 - streamed, CLI only
         report = await admin.import_numbers(
             core, fh, source=Source(args.source), reason=args.reason, actor=_actor(), progress=progress
         )
@@ -80,10 +90,14 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
         print(f"{args.file}:{lineno}: {problem}", file=sys.stderr)
     if len(report.bad) > 1000:
         print(f"... and {len(report.bad) - 1000} more bad rows", file=sys.stderr)
+    if report.stopped:
+        print(f"error: {args.file}: {report.stopped}; {report.added} numbers were committed before it",
+              file=sys.stderr)
     if report.cache_error:
-        print(f"warning: Redis not updated ({report.cache_error}); run `optout sync-cache`", file=sys.stderr)
+        print(f"warning: Redis not updated ({report.cache_error}); the agent's cache sync adds them",
+              file=sys.stderr)
     print(f"read {report.read}, added {report.added}, already listed {report.already}, bad {len(report.bad)}")
-    return EXIT_ERROR if report.bad else EXIT_OK
+    return EXIT_ERROR if report.bad or report.stopped else EXIT_OK
 
 
 async def cmd_export(core: Core, args: argparse.Namespace) -> int:
@@ -100,18 +114,53 @@ async def cmd_history(core: Core, args: argparse.Namespace) -> int:
     [e164] = core.checker.normalise([args.number])
     rows = await core.store.history(e164)
     for row in rows:
-        print(json.dumps(row, default=str))
+        print(json.dumps(row, default=str) if args.json else admin.format_timeline(row, _shown(e164, core.settings)))
     if not rows:
         print(f"no actions recorded for {_shown(e164, core.settings)}", file=sys.stderr)
     return EXIT_OK
 
 
 async def cmd_sync_cache(core: Core, args: argparse.Namespace) -> int:
-    if core.cache is None:
+    if core.cache_sync is None:
         print("error: Redis is not configured (REDIS_URL or REDIS_HOST)", file=sys.stderr)
         return EXIT_ERROR
-    total = await core.cache.sync_from(core.store)
-    print(f"Redis rebuilt from the store: {total} numbers")
+    total = await core.cache_sync.rebuild(exact=args.exact)
+    await core.cache_sync.tick()
+    print(f"Redis rebuilt from the store: {total} numbers{' (exact)' if args.exact else ''}")
+    return EXIT_OK
+
+
+async def cmd_parked(core: Core, args: argparse.Namespace) -> int:
+    if args.retry:
+        count = await core.journal.unpark(None if args.retry == ["all"] else args.retry)
+        print(f"{count} parked opt-outs given back to the replayer")
+        return EXIT_OK
+    parked = await core.journal.parked()
+    for p in parked:
+        number = _shown(p.phone_number, core.settings) if p.phone_number else "-"
+        print(f"{p.event_id}\t{p.kind}\t{number}\t{p.journaled_at}\tattempts={p.attempts}\t{p.last_error or ''}")
+    if not parked:
+        print(f"nothing parked in {core.journal.path}", file=sys.stderr)
+    return EXIT_FOUND if parked else EXIT_OK
+
+
+async def cmd_audit(core: Core, args: argparse.Namespace) -> int:
+    if args.action == "head":
+        row, head = await core.store.chain_head()
+        print(f"{head or '(empty chain)'}\trow {row}")
+        return EXIT_OK
+    report = await admin.verify_chain(core, expected_head=args.head)
+    legacy = f" ({report.legacy} earlier rows predate the chain)" if report.legacy else ""
+    if not report.intact:
+        print(f"chain BROKEN at row {report.broken_at}: {report.problem}", file=sys.stderr)
+        return EXIT_FOUND
+    if args.head and report.head_found_at is None:
+        print(f"chain intact: {report.rows} rows, head {report.head}{legacy}; but the given head {args.head} is "
+              "NOT in it (the chain was rewritten or cut back since it was taken)", file=sys.stderr)
+        return EXIT_FOUND
+    print(f"chain intact: {report.rows} rows, head {report.head}{legacy}")
+    if args.head:
+        print(f"given head found at row {report.head_found_at}")
     return EXIT_OK
 
 
@@ -135,12 +184,13 @@ async def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(f"hung up: no (still up after {args.timeout:.0f} s; the test call was ended)")
     async with AsyncExitStack() as stack:
-        core = await open_core(settings, stack)
-        await asyncio.sleep(0.3)  # the agent records right after the hangup
+        core = await open_core(settings, stack, create_store=False)
+        await asyncio.sleep(0.3)  # the agent stores right after the hangup
         try:
             [e164] = core.checker.normalise([args.number])
-            [listed] = await core.checker.check([e164])
-            print(f"{_shown(e164, settings)} blacklisted: {'yes' if listed else 'no'}")
+            [listed] = await core.checker.check([e164], strict=True)
+            word = "yes" if listed else "no" if listed is False else "unknown"
+            print(f"{_shown(e164, settings)} blacklisted: {word}")
         except OptOutError as exc:
             print(f"blacklist check: {exc}")
     return EXIT_OK if call.hung_up else EXIT_FOUND
@@ -170,9 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--audit", action="store_true", help="export audit rows instead of the blacklist")
     e.add_argument("--campaign", help="with --audit: only this campaign")
     e.add_argument("--prefix", help="with --audit: only numbers starting with this E.164 prefix")
-    h = sub.add_parser("history", help="the audit trail of one number")
+    h = sub.add_parser("history", help="the timeline of every action on one number")
     h.add_argument("number", metavar="NUMBER")
-    sub.add_parser("sync-cache", help="rebuild Redis from the store")
+    h.add_argument("--json", action="store_true", help="JSON lines instead of the timeline")
+    s = sub.add_parser("sync-cache", help="rebuild Redis from the store")
+    s.add_argument("--exact", action="store_true", help="replace the set (drops numbers the store no longer lists)")
+    k = sub.add_parser("parked", help="opt-outs set aside in the journal (the store or SNS keeps refusing them)")
+    k.add_argument("--retry", nargs="+", metavar="EVENT_ID", help="give them back to the replayer ('all' for all)")
+    au = sub.add_parser("audit", help="the tamper-evident audit chain")
+    au.add_argument("action", choices=["verify", "head"])
+    au.add_argument("--head", help="with verify: also prove this earlier head is still in the chain")
     t = sub.add_parser("call", help="place a test call through Asterisk that presses digits")
     t.add_argument("number", metavar="NUMBER", help="the called number the call carries (OPTOUT_NUMBER)")
     t.add_argument("--press", default="9", help="digits the caller sends (SendDTMF syntax, e.g. 5w9)")
@@ -191,14 +248,17 @@ COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "export": cmd_export,
     "history": cmd_history,
     "sync-cache": cmd_sync_cache,
+    "parked": cmd_parked,
+    "audit": cmd_audit,
 }
 
 
 async def _run_command(settings: Settings, args: argparse.Namespace) -> int:
     async with AsyncExitStack() as stack:
-        core = await open_core(settings, stack)
-        if args.command != "migrate":
-            await core.store.migrate()  # the embedded store is usable straight away
+        migrate = args.command == "migrate"
+        core = await open_core(settings, stack, create_store=migrate)
+        if not migrate:
+            await core.store.require_schema()  # never answer from a store the agent does not use
         return await COMMANDS[args.command](core, args)
 
 
@@ -208,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as exc:
         err: Any = exc.errors()[0]
-        print(f"error: configuration {'.'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
+        where = ".".join(map(str, err["loc"])).upper() or "settings"
+        print(f"error: configuration {where}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return EXIT_ERROR
     logs.configure("WARNING" if args.command in COMMANDS else settings.log_level,
                    full_numbers=settings.log_full_numbers)
@@ -226,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run_command(settings, args))
     except KeyboardInterrupt:
         return 130
+    except SchemaMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except StoreUnavailable as exc:
         print(f"error: store unavailable: {exc}", file=sys.stderr)
         return EXIT_ERROR

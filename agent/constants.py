@@ -8,8 +8,29 @@ from enum import StrEnum
 BLACKLIST_SET = "blacklist:numbers"
 """Set of every blacklisted E.164 number (permanent)."""
 BLACKLIST_SYNCED = "blacklist:synced"
-"""Marker written by reconciliation once the set holds the whole store; absent after Redis starts empty."""
+"""The currency lease: present (value: the store sequence Redis holds) only while an agent has checked, within
+the lease time, that the set holds every change the store has. Readers trust a "clear" answer only while it
+exists; it expires by itself when nobody checks."""
+BLACKLIST_SEQ = "blacklist:seq"
+"""The store sequence (audit row id) of the last change applied to the set (permanent)."""
+BLACKLIST_SENTINEL = "~sentinel"
+"""A member the set always holds, so an empty blacklist still has a set and a missing set means "lost"."""
 ACTION_TTL_SECONDS = 24 * 3600
+PENDING_TTL_SECONDS = 24 * 3600
+
+
+def pending_key(phone_number: str) -> str:
+    """`blacklist:pending:{phoneNumber}`: an opt-out accepted (epoch ms) that the store may not hold yet; a
+    removal applied from the store's change feed never takes out a number accepted after it."""
+    return f"blacklist:pending:{phone_number}"
+
+
+def sns_message_key(message_id: str) -> str:
+    """`sns_message:{MessageId}`: an SNS message the bridge has applied (kept SNS_MESSAGE_TTL_SECONDS)."""
+    return f"sns_message:{message_id}"
+
+
+SNS_MESSAGE_TTL_SECONDS = 24 * 3600
 
 
 def blacklist_entry_key(phone_number: str) -> str:
@@ -28,10 +49,9 @@ def campaign_counter_key(campaign_id: str) -> str:
 
 
 # --- Database ------------------------------------------------------------------------------------------
-TABLE_BLACKLIST = "blacklist"
-TABLE_ACTIONS = "optout_actions"
-TABLE_CAMPAIGNS = "campaign_optouts"
 TABLE_SCHEMA_VERSION = "optout_schema_version"
+CHAIN_LOCK = 0x0F7_0A8
+"""pg_advisory_xact_lock key every writer of the audit trail takes: one chain, appended in commit order."""
 
 
 class Origin(StrEnum):
@@ -63,7 +83,17 @@ class Outcome(StrEnum):
     """The caller pressed the digit but no valid number could be derived; the call was still ended."""
     REMOVED = "removed"
     """An administrator removed the number (with a reason)."""
+    PREVENTED = "prevented"
+    """A call to a blacklisted number was stopped before it was placed (dial guard or FastAGI precheck)."""
+
+
+CHANGE_OUTCOMES = (Outcome.BLACKLISTED, Outcome.ALREADY_BLACKLISTED, Outcome.REMOVED)
+"""Audit outcomes that are changes of the blacklist (the change feed the cache follows)."""
 
 
 DEFAULT_OPTOUT_DIGIT = "9"
 SNS_ORIGIN_ATTRIBUTE = "optout-agent"
+EVENT_TYPE_OPTOUT = "optout"
+"""SNS `eventType` of an opt-out: the producers' schema, with an E.164 phoneNumber."""
+EVENT_TYPE_NUMBER_UNKNOWN = "optout_number_unknown"
+"""SNS `eventType` of a press on a call whose number could not be proven: no phoneNumber, the call's ids."""

@@ -1,20 +1,44 @@
-"""The agent's HTTP API (aiohttp): /health, /ready, /metrics and POST /calls/{callId}/terminate."""
+"""The agent's HTTP API (aiohttp).
+
+    GET  /health                  the process answers
+    GET  /ready                   200 when every way in is connected and the journal can be written (503
+                                  otherwise); the body also reports the store and the cache
+    GET  /metrics                 Prometheus
+    POST /calls/{callId}/hangup   end the call whose CALL_ID is callId (bearer token); `/terminate` is the
+                                  old name of the same endpoint, kept for existing callers
+    POST /calls                   the dial guard: check the number (failing closed), then originate
+
+Every error answer is JSON `{"error": "..."}` naming the field and the problem where there is one.
+"""
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.constants import Origin
+from agent.errors import TelephonyError
+from agent.guard import DialGuard, Verdict
 from agent.lifecycle import Resource
+from agent.optout import ID_MAX, HangupInfo, text_problem
 
 log = logging.getLogger("agent.http")
 
-ReadinessProbe = Callable[[], dict[str, bool]]
-CallTerminator = Callable[[str], Awaitable[bool]]
+Probe = Callable[[], dict[str, bool]]
+CallHangup = Callable[[str], Awaitable[list[HangupInfo]]]
+Originate = Callable[[str, dict[str, str], str | None], Awaitable[str]]
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_ENDPOINT = re.compile(r"[A-Za-z0-9_-]{1,32}/\S{1,255}")
+RESERVED_VARIABLES = frozenset({"CALL_ID", "CAMPAIGN_ID", "CONTACT_ID", "OPTOUT_NUMBER"})
 
 
 class AppServer(Resource):
@@ -43,46 +67,145 @@ class AppServer(Resource):
             await runner.cleanup()
 
 
+def answer(code: int, /, **body: Any) -> web.Response:
+    return web.json_response(body, status=code)
+
+
+class CallRequest(BaseModel):
+    """The body of `POST /calls`."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    number: str = Field(max_length=64)
+    endpoint: str = Field(max_length=300)
+    call_id: str | None = Field(default=None, alias="callId", max_length=ID_MAX)
+    campaign_id: str | None = Field(default=None, alias="campaignId", max_length=ID_MAX)
+    contact_id: str | None = Field(default=None, alias="contactId", max_length=ID_MAX)
+    caller_id: str | None = Field(default=None, alias="callerId", max_length=128)
+    variables: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @field_validator("number", "endpoint", "call_id", "campaign_id", "contact_id", "caller_id")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        if value is not None and (problem := text_problem(value, 300)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not _ENDPOINT.fullmatch(value):
+            raise ValueError("must look like TECH/RESOURCE, e.g. PJSIP/+15551234567@trunk")
+        return value
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, var in value.items():
+            if not _VARIABLE.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not a channel variable name")
+            if name in RESERVED_VARIABLES:
+                raise ValueError(f"{name} is set by the agent from the body's own fields")
+            if (problem := text_problem(var, 1024)) is not None:
+                raise ValueError(f"{name} {problem}")
+        return value
+
+
+def _field_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"field {loc}: {err['msg'].lower().removeprefix('value error, ')}"
+
+
 class AgentHttp(AppServer):
     """Serves the agent's HTTP API on host:port (async context manager)."""
 
     def __init__(
-        self, *, host: str, port: int, readiness: ReadinessProbe, terminate_call: CallTerminator | None,
+        self, *, host: str, port: int, readiness: Probe, advisory: Probe | None = None,
+        hang_up_call: CallHangup | None = None, originate: Originate | None = None, guard: DialGuard | None = None,
         api_token: str | None,
     ) -> None:
         self._readiness = readiness
-        self._terminate_call = terminate_call
+        self._advisory = advisory
+        self._hang_up_call = hang_up_call
+        self._originate = originate
+        self._guard = guard
         self._token = api_token
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_post("/calls/{call_id}/terminate", self._terminate)
+        app.router.add_post("/calls/{call_id}/hangup", self._hangup)
+        app.router.add_post("/calls/{call_id}/terminate", self._hangup)
+        app.router.add_post("/calls", self._place_call)
         super().__init__(app, host=host, port=port, name="agent HTTP API")
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return answer(200, status="ok")
 
     async def _ready(self, request: web.Request) -> web.Response:
         parts = self._readiness()
         ready = all(parts.values())
-        return web.json_response({"ready": ready, **parts}, status=200 if ready else 503)
+        extra = self._advisory() if self._advisory is not None else {}
+        return answer(200 if ready else 503, ready=ready, **parts, **extra)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _terminate(self, request: web.Request) -> web.Response:
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401/503 unless the request carries the bearer token."""
         if self._token is None:
-            return web.json_response({"error": "termination endpoint disabled: AGENT_API_TOKEN is not set"}, status=503)
+            return answer(503, error="this endpoint is off: AGENT_API_TOKEN is not set")
         supplied = request.headers.get("Authorization", "")
         expected = f"Bearer {self._token}"
-        if not hmac.compare_digest(supplied.encode(), expected.encode()):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
-        if self._terminate_call is None:
-            return web.json_response({"error": "no telephony connection"}, status=503)
+        if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), expected.encode()):
+            return answer(401, error="missing or wrong bearer token")
+        return None
+
+    async def _hangup(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        if self._hang_up_call is None:
+            return answer(503, error="no telephony connection that can hang up calls (ARI is off)")
         call_id = request.match_info["call_id"]
-        if not call_id or len(call_id) > 128:
-            return web.json_response({"error": "field callId: must be 1 to 128 characters"}, status=400)
-        if await self._terminate_call(call_id):
-            return web.json_response({"terminated": True, "callId": call_id})
-        return web.json_response({"error": f"no call with CALL_ID {call_id!r} on this Asterisk"}, status=404)
+        if not call_id or len(call_id) > ID_MAX:
+            return answer(400, error=f"field callId: must be 1 to {ID_MAX} characters")
+        results = await self._hang_up_call(call_id)
+        if not results:
+            return answer(404, error=f"no call with CALL_ID {call_id!r} on this Asterisk")
+        if any(r.result in ("ok", "gone") for r in results):
+            return answer(200, hungUp=True, callId=call_id, channels=len(results))
+        return answer(502, error=f"Asterisk did not hang up call {call_id!r}: {results[0].result}")
+
+    async def _place_call(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        if self._guard is None or self._originate is None:
+            return answer(503, error="no telephony connection that can place calls (ARI is off)")
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, RecursionError):
+            return answer(400, error="body: not JSON")
+        if not isinstance(body, dict):
+            return answer(400, error=f"body: expected a JSON object, got {type(body).__name__}")
+        try:
+            call = CallRequest.model_validate(body)
+        except ValidationError as exc:
+            return answer(400, error=_field_error(exc))
+        call_id = call.call_id or f"call-{uuid.uuid4().hex}"
+        verdict = await self._guard.check(call.number, via=Origin.ARI, call_id=call_id, campaign_id=call.campaign_id,
+                                          contact_id=call.contact_id)
+        if verdict.verdict is Verdict.BLACKLISTED:
+            return answer(409, error="blacklisted", callId=call_id)
+        if verdict.verdict is Verdict.INVALID:
+            return answer(400, error=verdict.problem)
+        if verdict.verdict is Verdict.UNKNOWN or verdict.number is None:
+            return answer(503, error="the blacklist cannot be checked now; no call was placed")
+        variables = {**call.variables, "CALL_ID": call_id, "OPTOUT_NUMBER": verdict.number}
+        variables.update({k: v for k, v in (("CAMPAIGN_ID", call.campaign_id), ("CONTACT_ID", call.contact_id)) if v})
+        try:
+            channel_id = await self._originate(call.endpoint, variables, call.caller_id)
+        except TelephonyError as exc:
+            status = 400 if "HTTP 400" in str(exc) else 502
+            return answer(status, error=f"field endpoint: {exc}" if status == 400 else str(exc))
+        return answer(201, callId=call_id, channelId=channel_id)

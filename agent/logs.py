@@ -1,8 +1,10 @@
 """Structured JSON logs, with phone numbers masked unless LOG_FULL_NUMBERS is set.
 
 Masking happens in the formatter, on the final text, so no call site can leak a full number by mistake:
-anything that looks like a phone number (7+ digits, optionally with + and separators) keeps only its
-last four digits.
+anything that looks like a phone number (7 or more digits, optionally with + and single separators between
+them) keeps only its last four digits, wherever it stands: in a `sip:`/`tel:` URI, before a full stop or a
+colon, in a channel name. Left alone are digits glued to a hex id, ISO dates and times, and
+Asterisk's uniqueids (`1764108866.123`), so ids and timestamps stay usable.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from typing import Any
 
 from agent.phone import mask
 
-_NUMBER = re.compile(r"(?<![\w.:-])\+?\d[\d ()./-]{5,}\d(?![\w.:])")
+_NUMBER = re.compile(r"(?<![0-9A-Fa-f])\+?\(?\d(?:[ ()./-]{0,2}\d)+")
+_KEEP = re.compile(
+    r"\d{4}-\d{2}-\d{2}"          # an ISO date
+    r"|\d{10}\.\d{1,6}"           # an Asterisk uniqueid (epoch.sequence)
+    r"|\d{1,2}(?:\.\d+){1,3}"     # versions, short decimals
+)
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -24,8 +31,13 @@ def mask_numbers(text: str) -> str:
     """Mask every phone-number-looking run of 7 or more digits in `text`."""
 
     def repl(m: re.Match[str]) -> str:
-        digits = sum(ch.isdigit() for ch in m.group(0))
-        return mask(m.group(0)) if digits >= 7 else m.group(0)
+        found = m.group(0)
+        end = m.end()
+        if sum(ch.isdigit() for ch in found) < 7 or _KEEP.fullmatch(found):
+            return found
+        if end < len(text) and (text[end].isalpha() and text[end] in "abcdefABCDEF"):
+            return found  # part of a hex id
+        return mask(found)
 
     return _NUMBER.sub(repl, text)
 

@@ -1,16 +1,31 @@
-"""Prometheus metrics (prometheus_client), served on the agent's /metrics."""
+"""Prometheus metrics (prometheus_client), served on the agent's /metrics. The README suggests alerts."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-OPTOUTS = Counter("optout_optouts_total", "Opt-outs processed, by origin and outcome", ["origin", "outcome"])
+_FAST = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
+
+OPTOUTS = Counter("optout_optouts_total", "Opt-outs stored, by origin and outcome", ["origin", "outcome"])
 DUPLICATES = Counter("optout_duplicates_total", "Opt-outs recognised as already recorded", ["origin"])
 BLACKLIST_ADDITIONS = Counter("optout_blacklist_additions_total", "Numbers newly added to the blacklist")
 REJECTED = Counter("optout_rejected_total", "Opt-out inputs rejected as invalid", ["origin"])
+FIELDS_DROPPED = Counter("optout_fields_dropped_total", "Invalid optional fields left out of an opt-out", ["origin"])
+NUMBER_UNKNOWN = Counter("optout_number_unknown_total",
+                         "Presses on calls whose number could not be proven (hung up, audited, not listed)", ["origin"])
+MISSING_OPTOUT_NUMBER = Counter("optout_calls_without_optout_number_total",
+                                "Calls that reached the agent without the OPTOUT_NUMBER channel variable", ["origin"])
+EVENT_ID_CONFLICTS = Counter("optout_event_id_conflicts_total",
+                             "Producer eventIds reused for another number (each stored as its own opt-out)")
 JOURNAL_DEPTH = Gauge("optout_journal_depth", "Opt-outs journaled but not yet in the store")
+JOURNAL_PARKED = Gauge("optout_journal_parked", "Opt-outs the store keeps refusing (kept in the journal)")
+JOURNAL_UP = Gauge("optout_journal_up", "1 while the journal can be written")
+JOURNAL_ERRORS = Counter("optout_journal_errors_total", "Journal write failures")
+STORE_UP = Gauge("optout_store_up", "1 while the store answers")
 STORE_ERRORS = Counter("optout_store_errors_total", "Store (PostgreSQL/SQLite) failures")
 CACHE_ERRORS = Counter("optout_cache_errors_total", "Redis failures")
+CACHE_CURRENT = Gauge("optout_cache_current", "1 while Redis is proven to hold every change of the store")
+CACHE_BEHIND = Gauge("optout_cache_behind", "Store changes Redis did not hold at the last check")
 HANGUPS = Counter("optout_hangups_total", "Hangups requested, by origin and result", ["origin", "result"])
 PIPELINE_LATENCY = Histogram(
     "optout_pipeline_seconds",
@@ -21,8 +36,17 @@ PRESS_TO_HANGUP = Histogram(
     "optout_press_to_hangup_seconds",
     "From the digit press (Asterisk's timestamp) to the hangup request answered",
     ["origin"],
-    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+    buckets=_FAST,
 )
+PRESS_TO_VISIBLE = Histogram(
+    "optout_press_to_visible_seconds",
+    "From the press (or receipt) to the number confirmed in Redis, where the dialers see it",
+    buckets=(*_FAST, 2.5, 5, 10, 30, 60, 300),
+)
+PREVENTED = Counter("optout_prevented_calls_total", "Calls to blacklisted numbers stopped before dialling", ["via"])
 CONNECTED = Gauge("optout_connected", "1 when the named upstream is connected", ["upstream"])
 PUBLISHED = Counter("optout_published_total", "Opt-outs published to SNS")
 PUBLISH_ERRORS = Counter("optout_publish_errors_total", "SNS publish failures")
+PUBLISH_PARKED = Counter("optout_publish_refused_total", "Opt-outs SNS refused for good (left out of the outbox)")
+LOOP_LAG = Histogram("optout_event_loop_lag_seconds", "How late the agent's event loop ran a 100 ms timer",
+                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))

@@ -1,12 +1,19 @@
-"""Phone numbers: normalisation to E.164 and masking for logs. No I/O."""
+"""Phone numbers: normalisation to E.164 and masking for logs. No I/O (but a rate-limited warning)."""
 
 from __future__ import annotations
+
+import logging
+import time
 
 import phonenumbers
 
 from agent.errors import InvalidPhoneNumber
 
+log = logging.getLogger("agent.phone")
+
 _MAX_INPUT = 64
+_REGION_WARNING_EVERY = 60.0
+_region_warned: dict[str, float] = {}
 _REASONS = {
     phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "has no valid country code",
     phonenumbers.ValidationResult.TOO_SHORT: "is too short",
@@ -41,7 +48,23 @@ def normalise(raw: object, *, region: str, field: str = "phoneNumber") -> str:
     if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
         problem = _REASONS.get(reason, "is not a possible number")
         raise InvalidPhoneNumber(field, f"{mask(text)!r} {problem} (read in region {region})")
-    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    e164 = str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+    if not text.startswith("+") and not phonenumbers.is_valid_number(parsed):
+        _warn_region(text, e164, region)
+    return e164
+
+
+def _warn_region(text: str, e164: str, region: str) -> None:
+    """A national-format number that is only *possible* in the default region is accepted, but a wrong
+    OPTOUT_DEFAULT_REGION (0501234567 read in US is +10501234567) must be noticed: say so, at most once a
+    minute per region."""
+    now = time.monotonic()
+    if now - _region_warned.get(region, -_REGION_WARNING_EVERY) < _REGION_WARNING_EVERY:
+        return
+    _region_warned[region] = now
+    log.warning("national-format number %s read in region %s as %s, which is not a valid number there: check "
+                "OPTOUT_DEFAULT_REGION (accepted, as possible numbers are)", mask(text), region, mask(e164),
+                extra={"region": region})
 
 
 def mask(number: str, *, keep: int = 4) -> str:

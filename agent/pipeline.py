@@ -1,13 +1,17 @@
-"""The one opt-out pipeline every entry point calls (ARI, AGI, AMI, SNS, the CLI), and its replayer.
+"""The one opt-out pipeline every way in uses (ARI, AGI, AMI through agent/intake.py; SNS; the CLI), and
+its replayer.
 
-    validate -> journal (fsync) -> terminate the call -> store (blacklist + audit, one transaction)
-             -> Redis (entry, set, action, counter: one round trip) -> journal marked stored
+    journal append -> hang up (when there is a call) -> [journal fsync | Redis | hangup confirmation]
+                   -> store (blacklist + chained audit row, group-committed) -> journal marked stored
 
-The call is ended only once the opt-out is on disk: a crash between the two could otherwise end a call
-whose opt-out is lost (the fault suite caught exactly that). The journal is local and group-committed, so
-this costs about a millisecond. Only the journal is critical for accepting an opt-out; a store failure
-leaves it in the journal, and the Replayer stores it later (across restarts). Redis and the hangup are
-best effort; a journal failure still ends the call, then raises.
+- The call is ended only once the opt-out would survive a crash of the agent (agent/journal.py says how
+  durable that is); a crash between the two could otherwise end a call whose opt-out is lost.
+- The dialers see the number as soon as the hangup request is out, whether or not the store is up.
+- A store that is down leaves the opt-out journaled; the Replayer stores it later (across restarts). A
+  record the store refuses (its data, not connectivity) is retried alone, then without its optional
+  fields, and parked in the journal when even that fails, so it never blocks the others.
+- When the journal itself cannot be written, the call is still ended and the opt-out goes straight to
+  Redis and the store; JournalError is raised only when the store cannot take it either.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 
 from agent import metrics
@@ -25,22 +30,25 @@ from agent.backoff import Backoff
 from agent.batching import Batcher
 from agent.cache import RedisCache
 from agent.constants import Outcome
-from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
-from agent.journal import AppendResult, Journal
+from agent.errors import CacheUnavailable, JournalError, StoreRejected, StoreUnavailable
+from agent.journal import PARK_AFTER, AppendResult, Journal
 from agent.optout import HangupInfo, OptOutRecord
 from agent.phone import mask
 from agent.store import Store, StoreResult
 
 log = logging.getLogger("agent.pipeline")
 
-Terminator = Callable[[], Awaitable[HangupInfo]]
+HangUp = Callable[[], Awaitable[HangupInfo]]
+"""Sends the hangup and returns once it was answered; never raises (failures come back in the result)."""
+Confirm = Callable[[HangupInfo], Awaitable[HangupInfo]]
+"""Waits (bounded) for Asterisk's own record of the hangup and returns the completed HangupInfo."""
 
 
 class Status(Enum):
-    RECORDED = "recorded"
+    STORED = "stored"
     """In the store (and, unless Redis failed, in Redis)."""
     JOURNALED = "journaled"
-    """Durable in the journal; the store was unavailable, the replayer will store it."""
+    """Durable in the journal and visible in Redis; the store will have it once it answers again."""
     DUPLICATE = "duplicate"
     """This event id was seen before; nothing changed."""
 
@@ -53,12 +61,22 @@ class PipelineResult:
     hangup: HangupInfo | None = None
 
 
+def stripped(record: OptOutRecord, error: str) -> OptOutRecord:
+    """The opt-out without the fields the store could refuse: the number is never dropped for them."""
+    return OptOutRecord(
+        event_id=record.event_id, phone_number=record.phone_number, number_source=record.number_source,
+        origin=record.origin, source=record.source, digit=record.digit, pressed_at=record.pressed_at,
+        received_at=record.received_at, journaled_at=record.journaled_at, visible_at=record.visible_at,
+        hangup=record.hangup, reason=f"{record.reason}; other fields dropped, the store refused them: {error}",
+    )
+
+
 class OptOutPipeline:
-    """Journal, terminate, store, cache. Safe to call concurrently."""
+    """Journal, hang up, Redis, store. Safe to call concurrently."""
 
     def __init__(
         self, *, journal: Journal, store: Store, cache: RedisCache | None, hangup_timeout: float = 2.0,
-        on_stored: Callable[[], None] | None = None,
+        on_stored: Callable[[], None] | None = None, on_cache_error: Callable[[], None] | None = None,
     ) -> None:
         self.journal = journal
         self.store = store
@@ -66,16 +84,22 @@ class OptOutPipeline:
         self._hangup_timeout = hangup_timeout
         self._inflight: set[str] = set()
         self._on_stored = on_stored
+        self._on_cache_error = on_cache_error
         # Concurrent opt-outs share store transactions and Redis round trips (group commit).
-        self._store_batch: Batcher[OptOutRecord, StoreResult] = Batcher(store.record)
-        self._cache_batch: Batcher[OptOutRecord, None] | None = Batcher(cache.write_optouts) if cache else None
+        self._store_batch: Batcher[OptOutRecord, StoreResult] = Batcher(self.write_isolated, name="store-flush")
+        self._cache_batch = Batcher(cache.write_optouts, name="redis-flush") if cache else None
 
     @property
     def inflight(self) -> frozenset[str]:
         return frozenset(self._inflight)
 
-    async def submit(self, record: OptOutRecord, *, terminate: Terminator | None = None) -> PipelineResult:
-        """Accept one validated opt-out. Raises JournalError only when it could not be made durable."""
+    async def submit(
+        self, record: OptOutRecord, *, hang_up: HangUp | None = None, confirm: Confirm | None = None
+    ) -> PipelineResult:
+        """Accept one validated opt-out (and end its call with `hang_up`, once, when it is new).
+
+        Raises JournalError only when neither the journal nor the store could take it.
+        """
         started = time.perf_counter()
         origin = record.origin.value
         if record.event_id in self._inflight:
@@ -83,87 +107,166 @@ class OptOutPipeline:
             return PipelineResult(Status.DUPLICATE, record)
         self._inflight.add(record.event_id)
         try:
+            record = record.model_copy(update={"journaled_at": datetime.now(UTC)})
             try:
                 appended = await self.journal.append(record)
-            except JournalError:
-                if terminate is not None:
-                    await self._terminate(terminate, origin)  # the call ends even when it cannot be recorded
-                raise
-            hangup = await self._terminate(terminate, origin) if terminate is not None else None
-            if appended is not AppendResult.NEW:
+            except JournalError as exc:
+                hangup = await self._hang_up(hang_up, origin) if hang_up is not None else None
+                return await self._direct(record.model_copy(update={"hangup": hangup, "journaled_at": None}), exc)
+            if not appended.new:
                 metrics.DUPLICATES.labels(origin).inc()
-                return PipelineResult(Status.DUPLICATE, record, hangup=hangup)
-            if hangup is not None:
-                record = record.model_copy(update={"hangup": hangup})
-            try:
-                stored = await self._store_batch.submit(record)
-            except StoreUnavailable as exc:
-                metrics.STORE_ERRORS.inc()
-                log.error(
-                    "store unavailable, opt-out %s kept in the journal for replay: %s", record.event_id, exc,
-                    extra={"event_id": record.event_id},
-                )
-                if hangup is not None:
-                    await self.journal.replace(record)
-                await self.journal.mark_failed(record.event_id, str(exc))
-                return PipelineResult(Status.JOURNALED, record, hangup=hangup)
-            await self.complete(record, stored)
+                return PipelineResult(Status.DUPLICATE, record)
+            if appended is AppendResult.CONFLICT:
+                metrics.EVENT_ID_CONFLICTS.inc()
+                log.warning("eventId %r was used before for another number: stored as a separate opt-out",
+                            record.source_event_id, extra={"event_id": record.event_id})
+            hangup = await self._hang_up(hang_up, origin) if hang_up is not None else None
+            record = await self._after_hangup(record, hangup, confirm)
+            result = await self._store(record)
             metrics.PIPELINE_LATENCY.observe(time.perf_counter() - started)
-            if stored.duplicate:
-                return PipelineResult(Status.DUPLICATE, record, hangup=hangup)
-            return PipelineResult(Status.RECORDED, record, stored.outcome, hangup)
+            return result
         finally:
             self._inflight.discard(record.event_id)
 
-    async def _terminate(self, terminate: Terminator, origin: str) -> HangupInfo:
+    async def _hang_up(self, hang_up: HangUp, origin: str) -> HangupInfo:
         try:
-            info = await asyncio.wait_for(terminate(), self._hangup_timeout)
+            info = await asyncio.wait_for(hang_up(), self._hangup_timeout)
         except TimeoutError:
             info = HangupInfo(method="unknown", result="timeout")
         except Exception as exc:  # noqa: BLE001 - a failed hangup must not lose the opt-out
-            log.warning("terminating the call failed: %s", exc)
+            log.warning("hanging up the call failed: %s", exc)
             info = HangupInfo(method="unknown", result=f"error: {exc}"[:200])
         metrics.HANGUPS.labels(origin, info.result or "unknown").inc()
         return info
 
-    async def complete(self, record: OptOutRecord, stored: StoreResult) -> None:
-        """Redis and the journal mark, once the store has the record (also used by the replayer)."""
+    async def _after_hangup(self, record: OptOutRecord, hangup: HangupInfo | None,
+                            confirm: Confirm | None) -> OptOutRecord:
+        """fsync, Redis and the hangup's confirmation, side by side: none of them waits for another."""
+        confirmed = confirm(hangup) if confirm is not None and hangup is not None else None
+        synced, visible_at, info = await asyncio.gather(
+            self.journal.sync(), self.make_visible(record), confirmed or _value(hangup), return_exceptions=True)
+        if isinstance(synced, BaseException):
+            log.critical("journal fsync failed (the opt-out survives a crash of the agent, not a power loss, "
+                         "until the store has it): %s", synced, extra={"event_id": record.event_id})
+        update: dict[str, object] = {}
+        if isinstance(visible_at, datetime):
+            update["visible_at"] = visible_at
+        if isinstance(info, HangupInfo):
+            update["hangup"] = info
+        elif hangup is not None:
+            update["hangup"] = hangup
+        return record.model_copy(update=update) if update else record
+
+    async def make_visible(self, record: OptOutRecord) -> datetime | None:
+        """Write the opt-out to Redis (dialers see it); the time Redis confirmed it, None when it failed."""
+        if self._cache_batch is None:
+            return None
+        try:
+            visible_at = await self._cache_batch.submit(record)
+        except CacheUnavailable as exc:
+            metrics.CACHE_ERRORS.inc()
+            if self._on_cache_error is not None:
+                self._on_cache_error()
+            log.warning("Redis write failed for %s (the cache keeper re-adds it): %s", record.event_id, exc)
+            return None
+        if record.phone_number is not None:
+            metrics.PRESS_TO_VISIBLE.observe(
+                max(0.0, (visible_at - (record.pressed_at or record.received_at)).total_seconds()))
+        return visible_at
+
+    async def _store(self, record: OptOutRecord) -> PipelineResult:
+        try:
+            stored = await self._store_batch.submit(record)
+        except StoreUnavailable as exc:
+            metrics.STORE_ERRORS.inc()
+            log.error("store unavailable, opt-out %s kept in the journal for replay: %s", record.event_id, exc,
+                      extra={"event_id": record.event_id})
+            await self._keep(record, str(exc), rejected=False)
+            return PipelineResult(Status.JOURNALED, record, hangup=record.hangup)
+        except StoreRejected as exc:
+            await self._keep(record, str(exc), rejected=True)
+            return PipelineResult(Status.JOURNALED, record, hangup=record.hangup)
+        await self.complete(record, stored)
+        if stored.duplicate:
+            return PipelineResult(Status.DUPLICATE, record, hangup=record.hangup)
+        return PipelineResult(Status.STORED, record, stored.outcome, record.hangup)
+
+    async def _keep(self, record: OptOutRecord, error: str, *, rejected: bool) -> None:
+        """The store did not take it: keep the journaled copy current and count the attempt."""
+        try:
+            await self.journal.replace(record)
+            if await self.journal.mark_failed(record.event_id, error, rejected=rejected):
+                parked(record, error)
+        except JournalError as exc:
+            log.error("could not note the failed store attempt in the journal: %s", exc)
+
+    async def _direct(self, record: OptOutRecord, journal_error: JournalError) -> PipelineResult:
+        """The journal failed: Redis and the store directly, so the opt-out is not lost with it."""
+        log.critical("journal failed (%s): writing opt-out %s straight to Redis and the store", journal_error,
+                     record.event_id, extra={"event_id": record.event_id})
+        visible_at = await self.make_visible(record)
+        if visible_at is not None:
+            record = record.model_copy(update={"visible_at": visible_at})
+        try:
+            stored = await self._store_batch.submit(record)
+        except (StoreUnavailable, StoreRejected) as exc:
+            where = "only in Redis" if visible_at else "in neither Redis nor the store"
+            raise JournalError(f"opt-out {record.event_id} could not be journaled nor stored, it is {where}: "
+                               f"{journal_error}; {exc}") from exc
+        self._count(record, stored)
+        return PipelineResult(Status.STORED, record, stored.outcome, record.hangup)
+
+    async def write_isolated(self, records: Sequence[OptOutRecord]) -> list[StoreResult | BaseException]:
+        """Store a batch. A refusal of its data is narrowed down: each record alone, then without its
+        optional fields; what is still refused comes back as its StoreRejected. StoreUnavailable is raised."""
+        try:
+            return list(await self.store.write(records))
+        except StoreRejected as exc:
+            if len(records) > 1:
+                log.warning("store refused a batch of %d, retrying one by one: %s", len(records), exc)
+        out: list[StoreResult | BaseException] = []
+        for record in records:
+            try:
+                out.extend(await self.store.write([record]))
+                continue
+            except StoreRejected as exc:
+                error = str(exc)
+            log.error("store refused opt-out %s (%s); storing it without its optional fields", record.event_id,
+                      error, extra={"event_id": record.event_id})
+            try:
+                out.extend(await self.store.write([stripped(record, error[:200])]))
+            except StoreRejected as again:
+                out.append(again)
+        return out
+
+    def _count(self, record: OptOutRecord, stored: StoreResult) -> None:
         origin = record.origin.value
         if stored.duplicate:
             metrics.DUPLICATES.labels(origin).inc()
-            await self._recache_duplicate(record)
-        else:
-            metrics.OPTOUTS.labels(origin, stored.outcome.value if stored.outcome else "unknown").inc()
-            if stored.newly_blacklisted:
-                metrics.BLACKLIST_ADDITIONS.inc()
-            if self._cache_batch is not None:
-                try:
-                    await self._cache_batch.submit(record)
-                except CacheUnavailable as exc:
-                    metrics.CACHE_ERRORS.inc()
-                    log.warning("Redis write failed for %s (reconciliation repairs it): %s", record.event_id, exc)
+            return
+        metrics.OPTOUTS.labels(origin, stored.outcome.value if stored.outcome else "unknown").inc()
+        if stored.newly_blacklisted:
+            metrics.BLACKLIST_ADDITIONS.inc()
+        if stored.outcome is not None and record.phone_number:
+            log.info("opt-out %s: %s %s", stored.outcome.value, mask(record.phone_number), record.event_id,
+                     extra={"event_id": record.event_id, "origin": origin, "campaign_id": record.campaign_id})
+
+    async def complete(self, record: OptOutRecord, stored: StoreResult) -> None:
+        """Metrics and the journal mark, once the store has the record (also used by the replayer)."""
+        self._count(record, stored)
         await self.journal.mark_stored([record.event_id])
         if self._on_stored is not None:
             self._on_stored()
-        if stored.outcome is not None and record.phone_number:
-            log.info(
-                "opt-out %s: %s %s", stored.outcome.value, mask(record.phone_number), record.event_id,
-                extra={"event_id": record.event_id, "origin": origin, "campaign_id": record.campaign_id},
-            )
 
 
-    async def _recache_duplicate(self, record: OptOutRecord) -> None:
-        """A duplicate may be our own write whose acknowledgement was lost (then replayed): make sure Redis
-        has the number, if the store still lists it (not a removed number's old event). No counter."""
-        if self.cache is None or record.phone_number is None:
-            return
-        try:
-            if await self.store.blacklisted([record.phone_number]):
-                await self.cache.ensure_listed(record.entry())
-        except (StoreUnavailable, CacheUnavailable) as exc:
-            log.warning("could not re-check a duplicate's cache entry (reconciliation repairs it): %s", exc)
-            if isinstance(exc, CacheUnavailable):
-                await self.cache.mark_dirty()
+async def _value(info: HangupInfo | None) -> HangupInfo | None:
+    return info
+
+
+def parked(record: OptOutRecord, error: str) -> None:
+    log.error("opt-out %s parked: the store refused it %d times (%s); it stays in the journal, visible to "
+              "the dialers, and `optout parked` lists it", record.event_id, PARK_AFTER, error,
+              extra={"event_id": record.event_id})
 
 
 class Replayer:
@@ -176,6 +279,7 @@ class Replayer:
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
+        """Replay now (the health monitor calls this when the store answers again)."""
         self._wake.set()
 
     async def run(self) -> None:
@@ -194,17 +298,22 @@ class Replayer:
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def drain(self) -> int:
-        """Store every journaled record not in flight; returns how many were stored. Raises StoreUnavailable."""
-        journal = self._pipeline.journal
+        """Store every journaled record not in flight and not parked; returns how many were stored.
+        Raises StoreUnavailable."""
+        pipeline, journal = self._pipeline, self._pipeline.journal
         done = 0
         while True:
-            inflight = self._pipeline.inflight
+            inflight = pipeline.inflight
             pending = [r for r in await journal.unstored(self._batch) if r.event_id not in inflight]
             metrics.JOURNAL_DEPTH.set(await journal.depth())
             if not pending:
+                metrics.JOURNAL_PARKED.set(len(await journal.parked()))
                 return done
-            results = await self._pipeline.store.record(pending)
-            for record, stored in zip(pending, results, strict=True):
-                await self._pipeline.complete(record, stored)
-            done += len(pending)
-            log.info("replayed %d journaled opt-outs into the store", len(pending))
+            results = await pipeline.write_isolated(pending)
+            for record, res in zip(pending, results, strict=True):
+                if isinstance(res, StoreResult):
+                    await pipeline.complete(record, res)
+                    done += 1
+                elif await journal.mark_failed(record.event_id, str(res), rejected=True):
+                    parked(record, str(res))
+            log.info("replayed %d journaled opt-outs into the store", done)

@@ -2,10 +2,15 @@
 
 Every record the journal holds unpublished (the agent opens it with `publish=True`) goes to
 OPTOUT_EVENTS_TOPIC_ARN as the event JSON (`OptOutRecord.event_json()`) with the message attributes
-`origin=optout-agent` and `eventType=optout`, ten to a PublishBatch, and is marked published once SNS
-has accepted it. While SNS is unreachable the rows stay and the publisher retries with Backoff; after a
-restart it carries on from the journal. A row whose response was lost is published again: consumers
-dedupe by eventId. SNS-origin records are marked published without being sent (no loops).
+`origin=optout-agent` and `eventType`, ten to a PublishBatch, and is marked published once SNS has accepted
+it. `eventType=optout` events follow the producers' schema (an E.164 `phoneNumber`, `callId`,
+`campaignId`, `contactId`, `dtmfInput`, `timestamp`, plus `eventId`); a press on a call whose number could
+not be proven is published as `eventType=optout_number_unknown`, without `phoneNumber`, so that the dialer
+can find the contact by its ids. While SNS is unreachable the rows stay and the publisher retries with
+Backoff; after a restart it carries on from the journal. A row whose response was lost is published again:
+consumers dedupe by eventId. An entry SNS refuses for good (a sender fault) is set aside in the journal
+(`optout parked` lists it), logged at ERROR and counted; it never blocks the outbox. SNS-origin records are
+marked published without being sent (no loops).
 
 One aiobotocore client for the publisher's life, with short timeouts and botocore's standard retries;
 AWS_ENDPOINT_URL (Settings.aws_endpoint_url) points it at an emulator.
@@ -27,20 +32,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent import metrics
 from agent.backoff import Backoff
-from agent.constants import SNS_ORIGIN_ATTRIBUTE, Origin
-from agent.errors import OptOutError
+from agent.constants import EVENT_TYPE_NUMBER_UNKNOWN, EVENT_TYPE_OPTOUT, SNS_ORIGIN_ATTRIBUTE, Origin
+from agent.errors import PublishUnavailable
 from agent.journal import Journal
 from agent.lifecycle import Resource
 from agent.optout import OptOutRecord
 
 log = logging.getLogger("agent.publisher")
 
-EVENT_TYPE = "optout"
 _BATCH_MAX = 10  # SNS PublishBatch takes at most ten entries
-
-
-class PublishUnavailable(OptOutError):
-    """SNS refused or could not be reached; the records stay in the outbox and are retried."""
 
 
 class SnsPublisher(Resource):
@@ -110,7 +110,6 @@ class SnsPublisher(Resource):
     async def run(self) -> None:
         """Publish until cancelled: on wake(), every poll interval, and with backoff while SNS is unreachable."""
         if self._topic_arn is None:
-            log.info("OPTOUT_EVENTS_TOPIC_ARN is not set: publishing opt-outs to SNS is off")
             return
         if self._client is None:
             raise RuntimeError("SnsPublisher.run() before open()")
@@ -141,27 +140,33 @@ class SnsPublisher(Resource):
             outgoing = [r for r in records if r.origin is not Origin.SNS]
             batches = [outgoing[i : i + _BATCH_MAX] for i in range(0, len(outgoing), _BATCH_MAX)]
             results = await asyncio.gather(*(self._publish_batch(b) for b in batches), return_exceptions=True)
-            accepted = [event_id for r in results if isinstance(r, list) for event_id in r]
+            accepted = [event_id for r in results if isinstance(r, tuple) for event_id in r[0]]
+            refused = [event_id for r in results if isinstance(r, tuple) for event_id in r[1]]
             if accepted:
                 await self._journal.mark_published(accepted)
                 metrics.PUBLISHED.inc(len(accepted))
                 done += len(accepted)
+            if refused:
+                metrics.PUBLISH_PARKED.inc(len(refused))
+                await self._journal.mark_publish_refused(refused)
             failures = [r for r in results if isinstance(r, BaseException)]
             for failure in failures:
                 if not isinstance(failure, PublishUnavailable):
                     raise failure
-            if failures or len(accepted) < len(outgoing):
-                raise PublishUnavailable(f"{len(outgoing) - len(accepted)} of {len(outgoing)} not accepted: {failures}")
+            handled = len(accepted) + len(refused)
+            if failures or handled < len(outgoing):
+                raise PublishUnavailable(f"{len(outgoing) - handled} of {len(outgoing)} not accepted: {failures}")
 
-    async def _publish_batch(self, records: Sequence[OptOutRecord]) -> list[str]:
-        """PublishBatch one chunk; returns the event ids SNS accepted."""
+    async def _publish_batch(self, records: Sequence[OptOutRecord]) -> tuple[list[str], list[str]]:
+        """PublishBatch one chunk; returns the event ids SNS accepted and those it refused for good."""
         entries = [
             {
                 "Id": f"m{i}",  # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
                 "Message": json.dumps(record.event_json(), separators=(",", ":")),
                 "MessageAttributes": {
                     "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
-                    "eventType": {"DataType": "String", "StringValue": EVENT_TYPE},
+                    "eventType": {"DataType": "String", "StringValue": EVENT_TYPE_OPTOUT if record.phone_number
+                                  else EVENT_TYPE_NUMBER_UNKNOWN},
                 },
             }
             for i, record in enumerate(records)
@@ -172,10 +177,15 @@ class SnsPublisher(Resource):
             metrics.PUBLISH_ERRORS.inc()
             raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
         by_id = {f"m{i}": record.event_id for i, record in enumerate(records)}
+        refused: list[str] = []
         for failed in response.get("Failed", []):
             metrics.PUBLISH_ERRORS.inc()
+            event_id = by_id.get(failed.get("Id", ""))
+            permanent = bool(failed.get("SenderFault"))
             log.error(
-                "SNS refused opt-out %s: %s %s (sender fault: %s); it stays in the outbox",
-                by_id.get(failed.get("Id", "")), failed.get("Code"), failed.get("Message"), failed.get("SenderFault"),
+                "SNS refused opt-out %s: %s %s (%s)", event_id, failed.get("Code"), failed.get("Message"),
+                "a sender fault: set aside, not retried" if permanent else "retried",
             )
-        return [by_id[ok["Id"]] for ok in response.get("Successful", []) if ok.get("Id") in by_id]
+            if permanent and event_id is not None:
+                refused.append(event_id)
+        return [by_id[ok["Id"]] for ok in response.get("Successful", []) if ok.get("Id") in by_id], refused

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from agent.constants import DEFAULT_OPTOUT_DIGIT
 
 _SECRET_FIELDS = ("ari_password", "ami_secret", "agent_api_token", "bridge_worker_token")
+MIN_TOKEN_LENGTH = 16
+
+
+def default_data_dir() -> Path:
+    """Where the embedded store and the journal live unless told otherwise: the same place for the agent and
+    every `optout` command, whatever the working directory (`$XDG_STATE_HOME/optout-agent`)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "optout-agent"
 
 
 class Settings(BaseSettings):
@@ -25,8 +33,13 @@ class Settings(BaseSettings):
 
     # --- stores ----------------------------------------------------------------------------------
     database_url: SecretStr | None = Field(default=None, description="postgresql://... ; unset: SQLite")
-    optout_db_path: Path = Path("optout.db")
-    optout_journal_path: Path = Path("optout-journal.db")
+    optout_data_dir: Path = Field(default_factory=default_data_dir)
+    optout_db_path: Path | None = None
+    """Default: OPTOUT_DATA_DIR/optout.db."""
+    optout_journal_path: Path | None = None
+    """Default: OPTOUT_DATA_DIR/journal.db."""
+    optout_journal_sync: Literal["relaxed", "strict"] = "relaxed"
+    optout_journal_retention_days: float = Field(default=7.0, gt=0)
     optout_default_region: str = "US"
     db_pool_size: int = Field(default=8, ge=1, le=100)
 
@@ -39,7 +52,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_full_numbers: bool = False
     replay_interval_seconds: float = Field(default=1.0, gt=0)
-    reconcile_interval_seconds: float = Field(default=2.0, gt=0)
+    cache_sync_interval_seconds: float = Field(default=0.25, gt=0)
+    cache_lease_seconds: float = Field(default=2.0, gt=0)
+    health_interval_seconds: float = Field(default=2.0, gt=0)
 
     # --- Asterisk ----------------------------------------------------------------------------------
     ari_url: str = "http://127.0.0.1:8088"
@@ -88,6 +103,34 @@ class Settings(BaseSettings):
             if path and not data.get(name) and not os.environ.get(name.upper()):
                 data[name] = Path(path).read_text(encoding="utf-8").strip()
         return data
+
+    @model_validator(mode="after")
+    def _paths(self) -> Settings:
+        if self.optout_db_path is None:
+            self.optout_db_path = self.optout_data_dir / "optout.db"
+        if self.optout_journal_path is None:
+            self.optout_journal_path = self.optout_data_dir / "journal.db"
+        if self.cache_lease_seconds <= self.cache_sync_interval_seconds:
+            raise ValueError("CACHE_LEASE_SECONDS must be longer than CACHE_SYNC_INTERVAL_SECONDS")
+        return self
+
+    @field_validator("agent_api_token", "bridge_worker_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (a bearer token anyone could guess "
+                             "is no protection)")
+        return value
+
+    @property
+    def db_path(self) -> Path:
+        assert self.optout_db_path is not None
+        return self.optout_db_path
+
+    @property
+    def journal_path(self) -> Path:
+        assert self.optout_journal_path is not None
+        return self.optout_journal_path
 
     @field_validator("optout_digit")
     @classmethod

@@ -1,6 +1,10 @@
-"""The store interface both backends implement (PostgreSQL, the system of record; SQLite, embedded).
+"""The store interface both backends implement (PostgreSQL, the system of record; SQLite, embedded), and the
+part of every write they share: deciding outcomes and building the chained audit rows (`plan_write`).
 
-Both pass the same tests (tests/test_store.py runs every test against each).
+Every write of the audit trail (opt-outs, removals, imports, prevented calls) appends under one lock, so
+the audit row id is also the blacklist's change sequence, in commit order: `head()` and `changes()` are
+the feed the Redis cache follows (agent/cache_sync.py). Both backends pass the same tests
+(tests/test_store.py runs every test against each).
 """
 
 from __future__ import annotations
@@ -8,14 +12,15 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
+from agent import audit
 from agent.constants import Outcome, Source
 from agent.lifecycle import Resource
-from agent.optout import BlacklistEntry, OptOutRecord
+from agent.optout import BlacklistEntry, OptOutRecord, iso_z, outcome_of
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,21 @@ class Removal:
     at: datetime
 
 
+@dataclass(frozen=True)
+class Change:
+    """One entry of the blacklist's change feed."""
+
+    seq: int
+    phone_number: str
+    op: Literal["add", "remove"]
+    at: datetime
+    """When the change was made (the action's receive time)."""
+    entry: BlacklistEntry | None = None
+    event_id: str | None = None
+    visible: bool = True
+    """For an add: whether the writer saw it in Redis before storing it (else the cache made it visible)."""
+
+
 def migrations(dialect: str) -> list[tuple[int, str, str]]:
     """The versioned SQL files for `dialect`, as (version, name, sql), in order."""
     folder = resources.files("agent") / "migrations" / dialect
@@ -49,63 +69,127 @@ def migrations(dialect: str) -> list[tuple[int, str, str]]:
     for item in folder.iterdir():
         if item.name.endswith(".sql"):
             found.append((int(item.name.split("_", 1)[0]), item.name, item.read_text(encoding="utf-8")))
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two {dialect} migrations share a version number: {sorted(n for _, n, _ in found)}")
     return sorted(found)
 
 
-def action_params(record: OptOutRecord) -> dict[str, Any]:
-    """The audit row's columns for `record` (outcome decided by the store)."""
+def action_row(record: OptOutRecord, outcome: Outcome, recorded_at: datetime) -> dict[str, Any]:
+    """The audit row of `record` (without its hashes)."""
     hangup = record.hangup
     return {
-        "event_id": record.event_id,
-        "phone_number": record.phone_number,
-        "raw_number": record.raw_number,
-        "call_id": record.call_id,
-        "campaign_id": record.campaign_id,
-        "contact_id": record.contact_id,
-        "origin": record.origin.value,
-        "source": record.source.value,
-        "digit": record.digit,
-        "pressed_at": record.pressed_at,
-        "received_at": record.received_at,
+        "event_id": record.event_id, "source_event_id": record.source_event_id,
+        "phone_number": record.phone_number, "number_source": record.number_source,
+        "raw_number": record.raw_number, "call_id": record.call_id, "campaign_id": record.campaign_id,
+        "contact_id": record.contact_id, "origin": record.origin.value, "source": record.source.value,
+        "digit": record.digit, "pressed_at": record.pressed_at, "received_at": record.received_at,
+        "journaled_at": record.journaled_at, "visible_at": record.visible_at,
         "hangup_requested_at": hangup.requested_at if hangup else None,
         "hungup_at": hangup.hungup_at if hangup else None,
-        "hangup_method": hangup.method if hangup else None,
-        "hangup_result": hangup.result if hangup else None,
-        "actor": record.actor,
-        "reason": record.reason,
-        "channel": json.dumps(record.channel) if record.channel else None,
+        "hangup_method": hangup.method if hangup else None, "hangup_result": hangup.result if hangup else None,
+        "outcome": outcome.value, "actor": record.actor, "reason": record.reason, "channel": record.channel,
+        "recorded_at": recorded_at,
     }
 
 
-ACTION_COLUMNS = (
-    "event_id", "phone_number", "raw_number", "call_id", "campaign_id", "contact_id", "origin", "source",
-    "digit", "pressed_at", "received_at", "hangup_requested_at", "hungup_at", "hangup_method",
-    "hangup_result", "actor", "reason", "channel",
-)  # fmt: skip
+def metadata_json(record: OptOutRecord) -> str | None:
+    meta = record.metadata()
+    return json.dumps(meta, separators=(",", ":")) if meta else None
+
+
+@dataclass
+class WritePlan:
+    """What one `write` adds, decided before anything is written."""
+
+    results: list[StoreResult] = field(default_factory=list)
+    blacklist: list[OptOutRecord] = field(default_factory=list)
+    """Records whose number is new to the blacklist."""
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    """Audit rows, chained."""
+    campaigns: dict[str, tuple[int, datetime]] = field(default_factory=dict)
+    """Campaign -> (opt-outs added, latest receive time)."""
+
+
+def plan_write(
+    records: Sequence[OptOutRecord], *, seen_ids: set[str], listed: set[str], head: str | None, now: datetime
+) -> WritePlan:
+    """Outcomes and chained audit rows for `records`, given the event ids already in the trail, the numbers
+    already listed and the chain's head (all read under the writers' lock)."""
+    plan = WritePlan()
+    seen = set(seen_ids)
+    listed = set(listed)
+    for rec in records:
+        if rec.event_id in seen:
+            plan.results.append(StoreResult(rec.event_id, duplicate=True, outcome=None))
+            continue
+        seen.add(rec.event_id)
+        outcome = outcome_of(rec, already_listed=rec.phone_number in listed)
+        if outcome is Outcome.BLACKLISTED:
+            assert rec.phone_number is not None
+            listed.add(rec.phone_number)
+            plan.blacklist.append(rec)
+        plan.actions.append(action_row(rec, outcome, now))
+        if rec.campaign_id is not None:
+            count, last = plan.campaigns.get(rec.campaign_id, (0, rec.received_at))
+            plan.campaigns[rec.campaign_id] = (count + 1, max(last, rec.received_at))
+        plan.results.append(StoreResult(rec.event_id, duplicate=False, outcome=outcome))
+    audit.chain(plan.actions, head)
+    return plan
+
+
+def admin_row(*, event_id: str, phone_number: str | None, outcome: Outcome, at: datetime, recorded_at: datetime,
+              actor: str | None, reason: str | None, origin: str = "admin", source: Source | None = None,
+              **extra: Any) -> dict[str, Any]:
+    """An audit row that is not an opt-out record (removal, import, prevented call)."""
+    row: dict[str, Any] = dict.fromkeys(audit.HASHED_COLUMNS)
+    row.update(event_id=event_id, phone_number=phone_number, origin=origin, received_at=at, outcome=outcome.value,
+               actor=actor, reason=reason, recorded_at=recorded_at, source=source.value if source else None, **extra)
+    return row
+
+
+def change_of(row: Sequence[Any]) -> Change:
+    """A change feed row: (id, phone, outcome, received_at, reason, source, call, campaign, contact, pressed_at,
+    event_id, visible) -> Change. Timestamps may come as datetimes (PostgreSQL) or text (SQLite)."""
+    seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible = row
+    at = datetime.fromisoformat(at) if isinstance(at, str) else at
+    if outcome == Outcome.REMOVED.value:
+        return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id)
+    if isinstance(pressed_at, str):
+        pressed_at = datetime.fromisoformat(pressed_at)
+    meta = {k: v for k, v in (("callId", call_id), ("campaignId", campaign_id), ("contactId", contact_id),
+                              ("timestamp", iso_z(pressed_at) if pressed_at else None)) if v is not None}
+    entry = BlacklistEntry(phone_number=phone, added_at=at, reason=reason or "opted out",
+                           source=source or Source.USER_OPTOUT, metadata=meta or None)
+    return Change(seq=int(seq), phone_number=phone, op="add", at=at, entry=entry, event_id=event_id,
+                  visible=bool(visible))
 
 
 class Store(Resource, ABC):
     """The system of record: blacklist, audit trail, campaign counts. An async context manager."""
 
     dialect: str
-
-    @abstractmethod
-    async def open(self) -> None: ...
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Release connections. Safe to call twice."""
+    location: str
+    """Where it is, for messages (a file path, or the database's host and name; never a password)."""
 
     @abstractmethod
     async def migrate(self) -> list[str]:
         """Create or upgrade the schema; returns the migrations applied now (empty when up to date)."""
 
     @abstractmethod
-    async def record(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
-        """Write blacklist entries and audit rows for `records` in one transaction.
+    async def require_schema(self) -> None:
+        """Raise SchemaMissing unless the schema is there and current (StoreUnavailable when unreachable)."""
 
-        A record whose event id is already in the audit trail is a duplicate and changes nothing.
-        Raises StoreUnavailable.
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    @abstractmethod
+    async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
+        """Write blacklist entries and chained audit rows for `records` in one transaction.
+
+        A record whose event id is already in the audit trail is a duplicate and changes nothing. Raises
+        StoreUnavailable (connectivity: retry the batch later) or StoreRejected (the data: retry alone).
         """
 
     @abstractmethod
@@ -113,15 +197,28 @@ class Store(Resource, ABC):
         """Take a number off the blacklist and audit it; False when it was not on the list."""
 
     @abstractmethod
+    async def append_action(self, row: dict[str, Any]) -> None:
+        """Append one audit row built by `admin_row` (e.g. a prevented call) to the chain."""
+
+    @abstractmethod
     async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
         """Which of `numbers` (E.164) are on the blacklist. Raises StoreUnavailable."""
 
     @abstractmethod
-    def entries(self, *, batch_size: int = 10_000, since: datetime | None = None) -> AsyncIterator[
-        list[BlacklistEntry]
-    ]:
-        """Stream the blacklist in batches; with `since`, only numbers with an action recorded (committed
-        order, not `addedAt`: a replayed opt-out has an old addedAt) at or after it."""
+    def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
+        """Stream the blacklist in batches."""
+
+    @abstractmethod
+    async def head(self) -> int:
+        """The change sequence: the id of the newest audit row (0 when there is none)."""
+
+    @abstractmethod
+    async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
+        """Blacklist changes with `after < seq <= upto`, oldest first, at most `limit`."""
+
+    @abstractmethod
+    async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
+        """Note when the cache made opt-outs visible whose writer could not (event id, time)."""
 
     @abstractmethod
     async def import_numbers(
@@ -131,17 +228,19 @@ class Store(Resource, ABC):
 
     @abstractmethod
     async def history(self, phone_number: str) -> list[dict[str, Any]]:
-        """The audit trail of one number, oldest first."""
+        """The audit trail of one number, oldest first, with its visibility evidence."""
 
     @abstractmethod
     def actions(
-        self, *, campaign_id: str | None = None, number_prefix: str | None = None
+        self, *, campaign_id: str | None = None, number_prefix: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Audit rows of a campaign or a number range (E.164 prefix), oldest first."""
+        """Audit rows of a campaign, a number range (E.164 prefix) and a time range, oldest first."""
 
     @abstractmethod
-    async def campaign_count(self, campaign_id: str) -> int: ...
+    def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
+        """Every audit row with its hashes, in id order (for `audit.ChainVerifier`)."""
 
     @abstractmethod
-    async def ping(self) -> None:
-        """Raise StoreUnavailable unless the store answers."""
+    async def chain_head(self) -> tuple[int, str | None]:
+        """(rows in the audit trail, the newest row's hash)."""

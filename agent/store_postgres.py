@@ -1,4 +1,9 @@
-"""PostgreSQL store (the system of record), on psycopg 3 with an async connection pool."""
+"""PostgreSQL store (the system of record), on psycopg 3 with an async connection pool.
+
+Every write of the audit trail takes one advisory transaction lock (`CHAIN_LOCK`): the hash chain is
+extended in commit order, and the audit row id doubles as the blacklist's change sequence (a reader that
+sees row N committed sees every row before it).
+"""
 
 from __future__ import annotations
 
@@ -10,50 +15,36 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from agent.constants import TABLE_SCHEMA_VERSION, Outcome, Source
-from agent.errors import StoreUnavailable
+from agent import audit
+from agent.constants import CHAIN_LOCK, CHANGE_OUTCOMES, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
-from agent.store import ACTION_COLUMNS, Removal, Store, StoreResult, action_params, migrations
+from agent.store import (
+    Change,
+    Removal,
+    Store,
+    StoreResult,
+    WritePlan,
+    admin_row,
+    change_of,
+    metadata_json,
+    migrations,
+    plan_write,
+)
 
 _MIGRATION_LOCK = 0x0F7_0A7  # pg_advisory_xact_lock key: one migrator at a time
-
-_COLS = ", ".join(ACTION_COLUMNS)
-_VALS = ", ".join(f"%({c})s" for c in ACTION_COLUMNS)
-
-# One round trip per record: skip a known event id, add the number (first addedAt wins), write the
-# audit row with the outcome that follows, and count the campaign.
-_RECORD_SQL = f"""
-WITH seen AS (
-    SELECT 1 FROM optout_actions WHERE event_id = %(event_id)s
-), bl AS (
-    INSERT INTO blacklist (phone_number, added_at, reason, source, metadata)
-    SELECT %(phone_number)s, %(received_at)s, %(reason)s, %(source)s, %(metadata)s
-    WHERE %(phone_number)s::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM seen)
-    ON CONFLICT (phone_number) DO NOTHING
-    RETURNING 1
-), act AS (
-    INSERT INTO optout_actions ({_COLS}, outcome)
-    SELECT {_VALS},
-        CASE WHEN %(phone_number)s::text IS NULL THEN 'number_unknown'
-             WHEN EXISTS (SELECT 1 FROM bl) THEN 'blacklisted'
-             ELSE 'already_blacklisted' END
-    WHERE NOT EXISTS (SELECT 1 FROM seen)
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING outcome
-), cc AS (
-    INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at)
-    SELECT %(campaign_id)s, 1, %(received_at)s
-    WHERE %(campaign_id)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM act)
-    ON CONFLICT (campaign_id) DO UPDATE
-        SET optouts = campaign_optouts.optouts + 1,
-            last_optout_at = GREATEST(campaign_optouts.last_optout_at, EXCLUDED.last_optout_at)
-)
-SELECT (SELECT outcome FROM act)
-"""
+_ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
+_INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
+                  f"VALUES ({', '.join(f'%({c})s' for c in _ROW_COLUMNS)})")
+_CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
+# Connectivity, timeouts and server trouble: the batch can be retried as it is.
+_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.LockNotAvailable,
+              psycopg.errors.QueryCanceled, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -63,6 +54,12 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(
             "SET statement_timeout = '5s'; SET lock_timeout = '2s'; SET idle_in_transaction_session_timeout = '10s'"
         )
+
+
+def _action_params(row: dict[str, Any]) -> dict[str, Any]:
+    params = {c: row.get(c) for c in _ROW_COLUMNS}
+    params["channel"] = Jsonb(row["channel"]) if row.get("channel") is not None else None
+    return params
 
 
 class PostgresStore(Store):
@@ -86,6 +83,12 @@ class PostgresStore(Store):
         )
         self._operation_timeout = operation_timeout
         self._opened = False
+        try:
+            info = conninfo_to_dict(conninfo)
+            host, port, db = info.get("host", "localhost"), info.get("port", 5432), info.get("dbname", "")
+            self.location = f"PostgreSQL {host}:{port}/{db}"
+        except psycopg.ProgrammingError:
+            self.location = "PostgreSQL (DATABASE_URL)"
 
     async def open(self) -> None:
         if not self._opened:
@@ -99,18 +102,24 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _tx(self, *, streaming: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """One transaction; bounded by the operation timeout unless `streaming` (exports, cache rebuilds),
-        where each statement is still bounded by the session's statement_timeout."""
+        """One transaction, with library errors mapped to ours; bounded by the operation timeout unless
+        `streaming` (exports, cache rebuilds), where each statement is still bounded by statement_timeout."""
         try:
             async with asyncio.timeout(None if streaming else self._operation_timeout), \
                     self._pool.connection() as conn, conn.transaction():
                 yield conn
         except TimeoutError as exc:
-            raise StoreUnavailable(f"PostgreSQL: no answer within {self._operation_timeout:.0f} s") from exc
+            raise StoreUnavailable(f"{self.location}: no answer within {self._operation_timeout:.0f} s") from exc
         except PoolTimeout as exc:
-            raise StoreUnavailable(f"PostgreSQL: no connection within the pool timeout ({exc})") from exc
+            raise StoreUnavailable(f"{self.location}: no connection within the pool timeout ({exc})") from exc
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaMissing(f"{self.location} has no opt-out schema ({exc}); run `optout migrate`") from exc
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"{self.location}: {type(exc).__name__}: {exc}".strip()) from exc
         except psycopg.Error as exc:
-            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {exc}".strip()) from exc
+            raise StoreRejected(f"{self.location} refused the data: {type(exc).__name__}: {exc}".strip()) from exc
+        except (UnicodeError, ValueError) as exc:  # a value psycopg cannot send at all
+            raise StoreRejected(f"{self.location}: a value cannot be sent: {exc}") from exc
 
     async def ping(self) -> None:
         async with self._tx() as conn:
@@ -136,41 +145,122 @@ class PostgresStore(Store):
                 applied.append(name)
         return applied
 
-    async def record(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
-        params = []
-        for rec in records:
-            p = action_params(rec)
-            p["channel"] = Jsonb(rec.channel) if rec.channel else None
-            meta = rec.metadata()
-            p["metadata"] = Jsonb(meta) if meta else None
-            params.append(p)
-        async with self._tx() as conn, conn.cursor() as cur:
-            await cur.executemany(_RECORD_SQL, params, returning=True)
-            results = []
-            for rec in records:
-                row = await cur.fetchone()
-                outcome = row[0] if row else None
-                results.append(
-                    StoreResult(rec.event_id, duplicate=outcome is None, outcome=Outcome(outcome) if outcome else None)
+    async def require_schema(self) -> None:
+        async with self._tx() as conn:
+            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE_SCHEMA_VERSION,))
+            row = await cur.fetchone()
+            done: set[int] = set()
+            if row and row[0]:
+                cur = await conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")
+                done = {r[0] for r in await cur.fetchall()}
+        missing = [name for version, name, _ in migrations(self.dialect) if version not in done]
+        if missing:
+            raise SchemaMissing(f"{self.location} lacks the opt-out schema ({', '.join(missing)} not applied): "
+                                "run `optout migrate`, or point DATABASE_URL at the agent's database")
+
+    # --- writes: every one appends to the chain under CHAIN_LOCK ------------------------------------------
+    async def _lock_and_read(self, conn: psycopg.AsyncConnection[Any], ids: list[str],
+                             numbers: list[str]) -> tuple[set[str], set[str], str | None]:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
+        cur = await conn.execute(
+            "SELECT 'e', event_id FROM optout_actions WHERE event_id = ANY(%(ids)s)"
+            " UNION ALL SELECT 'n', phone_number FROM blacklist WHERE phone_number = ANY(%(numbers)s)"
+            " UNION ALL (SELECT 'h', row_hash FROM optout_actions ORDER BY id DESC LIMIT 1)",
+            {"ids": ids, "numbers": numbers},
+        )
+        seen, listed, head = set(), set(), None
+        for kind, value in await cur.fetchall():
+            if kind == "e":
+                seen.add(value)
+            elif kind == "n":
+                listed.add(value)
+            else:
+                head = value
+        return seen, listed, head
+
+    async def _insert(self, conn: psycopg.AsyncConnection[Any], plan: WritePlan) -> None:
+        async with conn.cursor() as cur:
+            if plan.blacklist:
+                await cur.executemany(
+                    "INSERT INTO blacklist (phone_number, added_at, reason, source, metadata)"
+                    " VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (phone_number) DO NOTHING",
+                    [(r.phone_number, r.received_at, r.reason, r.source.value, metadata_json(r))
+                     for r in plan.blacklist],
                 )
-                cur.nextset()
-        return results
+            if plan.actions:
+                await cur.executemany(_INSERT_ACTION, [_action_params(row) for row in plan.actions])
+            if plan.campaigns:
+                await cur.executemany(
+                    "INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (campaign_id) DO UPDATE SET optouts = campaign_optouts.optouts + EXCLUDED.optouts,"
+                    " last_optout_at = GREATEST(campaign_optouts.last_optout_at, EXCLUDED.last_optout_at)",
+                    [(c, n, last) for c, (n, last) in plan.campaigns.items()],
+                )
+
+    async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
+        async with self._tx() as conn:
+            seen, listed, head = await self._lock_and_read(
+                conn, [r.event_id for r in records], [r.phone_number for r in records if r.phone_number])
+            plan = plan_write(records, seen_ids=seen, listed=listed, head=head, now=datetime.now(UTC))
+            await self._insert(conn, plan)
+        return plan.results
+
+    async def append_action(self, row: dict[str, Any]) -> None:
+        async with self._tx() as conn:
+            _, _, head = await self._lock_and_read(conn, [], [])
+            audit.chain([row], head)
+            await conn.execute(_INSERT_ACTION, _action_params(row))
 
     async def remove(self, removal: Removal) -> bool:
         async with self._tx() as conn:
+            _, _, head = await self._lock_and_read(conn, [], [])
             cur = await conn.execute(
                 "DELETE FROM blacklist WHERE phone_number = %s RETURNING 1", (removal.phone_number,)
             )
             if await cur.fetchone() is None:
                 return False
-            await conn.execute(
-                "INSERT INTO optout_actions (event_id, phone_number, origin, received_at, outcome, actor, reason)"
-                " VALUES (%s, %s, 'admin', %s, %s, %s, %s)",
-                (removal.event_id, removal.phone_number, removal.at, Outcome.REMOVED.value, removal.actor,
-                 removal.reason),
-            )
+            row = admin_row(event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED,
+                            at=removal.at, recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason)
+            audit.chain([row], head)
+            await conn.execute(_INSERT_ACTION, _action_params(row))
         return True
 
+    async def import_numbers(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
+    ) -> int:
+        if not numbers:
+            return 0
+        prefix = f"import-{uuid.uuid4().hex[:12]}-"
+        async with self._tx() as conn:
+            _, _, head = await self._lock_and_read(conn, [], [])
+            await conn.execute("CREATE TEMP TABLE import_stage (phone_number text) ON COMMIT DROP")
+            async with conn.cursor().copy("COPY import_stage (phone_number) FROM STDIN") as copy:
+                await copy.write("".join(f"{n}\n" for n in numbers))
+            cur = await conn.execute(
+                "INSERT INTO blacklist (phone_number, added_at, reason, source)"
+                " SELECT DISTINCT phone_number, %s, %s, %s FROM import_stage"
+                " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
+                (added_at, reason, source.value),
+            )
+            new = [r[0] for r in await cur.fetchall()]
+            now = datetime.now(UTC)
+            rows = [admin_row(event_id=prefix + n, phone_number=n, outcome=Outcome.BLACKLISTED, at=now,
+                              recorded_at=now, actor=actor, reason=reason, source=source) for n in new]
+            audit.chain(rows, head)
+            async with conn.cursor().copy(f"COPY optout_actions ({', '.join(_ROW_COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row([row[c] for c in _ROW_COLUMNS])
+        return len(new)
+
+    async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
+        if not seen:
+            return
+        async with self._tx() as conn, conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO optout_visibility (event_id, visible_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                list(seen))
+
+    # --- reads ---------------------------------------------------------------------------------------------
     async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
         if not numbers:
             return set()
@@ -180,85 +270,85 @@ class PostgresStore(Store):
             )
             return {row[0] for row in await cur.fetchall()}
 
-    async def entries(
-        self, *, batch_size: int = 10_000, since: datetime | None = None
-    ) -> AsyncIterator[list[BlacklistEntry]]:
-        where, params = (
-            ("WHERE phone_number IN (SELECT phone_number FROM optout_actions WHERE recorded_at >= %s)", (since,))
-            if since else ("", ())
-        )
+    async def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
         async with self._tx(streaming=True) as conn, conn.cursor(name=f"bl_{uuid.uuid4().hex[:8]}") as cur:
-            await cur.execute(
-                f"SELECT phone_number, added_at, reason, source, metadata FROM blacklist {where}", params
-            )
+            await cur.execute("SELECT phone_number, added_at, reason, source, metadata FROM blacklist")
             while rows := await cur.fetchmany(batch_size):
                 yield [
                     BlacklistEntry(phone_number=r[0], added_at=r[1], reason=r[2], source=r[3], metadata=r[4])
                     for r in rows
                 ]
 
-    async def import_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
-    ) -> int:
-        if not numbers:
-            return 0
-        prefix = f"import-{uuid.uuid4().hex[:12]}-"
-        now = datetime.now(UTC)
+    async def head(self) -> int:
         async with self._tx() as conn:
-            await conn.execute(
-                "CREATE TEMP TABLE import_stage (phone_number text) ON COMMIT DROP"
-            )
-            async with conn.cursor().copy("COPY import_stage (phone_number) FROM STDIN") as copy:
-                await copy.write("".join(f"{n}\n" for n in numbers))
-            cur = await conn.execute(
-                """
-                WITH new AS (
-                    INSERT INTO blacklist (phone_number, added_at, reason, source)
-                    SELECT DISTINCT phone_number, %(added_at)s, %(reason)s, %(source)s FROM import_stage
-                    ON CONFLICT (phone_number) DO NOTHING
-                    RETURNING phone_number
-                ), audit AS (
-                    INSERT INTO optout_actions (event_id, phone_number, origin, source, received_at, outcome,
-                                                actor, reason)
-                    SELECT %(prefix)s || phone_number, phone_number, 'admin', %(source)s, %(now)s, 'blacklisted',
-                           %(actor)s, %(reason)s
-                    FROM new
-                )
-                SELECT count(*) FROM new
-                """,
-                {"prefix": prefix, "now": now, "actor": actor, "added_at": added_at, "reason": reason,
-                 "source": source.value},
-            )
+            cur = await conn.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
+            return int(row[0]) if row else 0
+
+    async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
+        async with self._tx() as conn:
+            cur = await conn.execute(
+                "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id,"
+                " a.campaign_id, a.contact_id, a.pressed_at, a.event_id,"
+                " a.visible_at IS NOT NULL OR v.event_id IS NOT NULL"
+                " FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
+                f" WHERE a.id > %s AND a.id <= %s AND a.phone_number IS NOT NULL AND a.{_CHANGE_FILTER}"
+                " ORDER BY a.id LIMIT %s",
+                (after, upto, limit),
+            )
+            return [change_of(row) for row in await cur.fetchall()]
 
     async def history(self, phone_number: str) -> list[dict[str, Any]]:
         async with self._tx() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute("SELECT * FROM optout_actions WHERE phone_number = %s ORDER BY id", (phone_number,))
+            await cur.execute(
+                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
+                " LEFT JOIN optout_visibility v USING (event_id) WHERE a.phone_number = %s ORDER BY a.id",
+                (phone_number,))
             return list(await cur.fetchall())
 
     async def actions(
-        self, *, campaign_id: str | None = None, number_prefix: str | None = None
+        self, *, campaign_id: str | None = None, number_prefix: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        clauses, params = [], []
+        clauses: list[str] = ["TRUE"]
+        params: list[Any] = []
         if campaign_id is not None:
-            clauses.append("campaign_id = %s")
+            clauses.append("a.campaign_id = %s")
             params.append(campaign_id)
         if number_prefix is not None:
-            clauses.append("phone_number LIKE %s")
-            params.append(number_prefix.replace("%", r"\%").replace("_", r"\_") + "%")
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+            clauses.append("a.phone_number LIKE %s")
+            params.append(number_prefix.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%")
+        if since is not None:
+            clauses.append("a.recorded_at >= %s")
+            params.append(since)
+        if until is not None:
+            clauses.append("a.recorded_at < %s")
+            params.append(until)
         async with self._tx(streaming=True) as conn, conn.cursor(
             name=f"act_{uuid.uuid4().hex[:8]}", row_factory=dict_row
         ) as cur:
-            await cur.execute(f"SELECT * FROM optout_actions {where} ORDER BY id", params)
+            await cur.execute(
+                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
+                f" LEFT JOIN optout_visibility v USING (event_id) WHERE {' AND '.join(clauses)} ORDER BY a.id",
+                params)
             while rows := await cur.fetchmany(5000):
                 for row in rows:
                     yield row
 
-    async def campaign_count(self, campaign_id: str) -> int:
+    async def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
+        columns = ", ".join(("id", *_ROW_COLUMNS))
+        async with self._tx(streaming=True) as conn, conn.cursor(
+            name=f"chain_{uuid.uuid4().hex[:8]}", row_factory=dict_row
+        ) as cur:
+            await cur.execute(f"SELECT {columns} FROM optout_actions ORDER BY id")
+            while rows := await cur.fetchmany(5000):
+                for row in rows:
+                    yield row
+
+    async def chain_head(self) -> tuple[int, str | None]:
         async with self._tx() as conn:
-            cur = await conn.execute("SELECT optouts FROM campaign_optouts WHERE campaign_id = %s", (campaign_id,))
+            cur = await conn.execute("SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1")
             row = await cur.fetchone()
-            return int(row[0]) if row else 0
+            return (int(row[0]), row[1]) if row else (0, None)
+

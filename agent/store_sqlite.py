@@ -1,68 +1,101 @@
-"""SQLite store: the same store on an embedded file, so the agent runs with nothing else installed."""
+"""SQLite store: the same store on an embedded file, so the agent runs with nothing else installed.
+
+Writers serialise on SQLite's own write lock (BEGIN IMMEDIATE), across processes too, so the chain and the
+change sequence follow commit order as on PostgreSQL. Timestamps are stored as fixed-width UTC text, so
+they sort and compare as text.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.constants import TABLE_SCHEMA_VERSION, Outcome, Source
-from agent.errors import StoreUnavailable
+from agent import audit
+from agent.constants import CHANGE_OUTCOMES, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
-from agent.store import ACTION_COLUMNS, Removal, Store, StoreResult, action_params, migrations
+from agent.sqlite_db import SqliteDb, transaction
+from agent.store import (
+    Change,
+    Removal,
+    Store,
+    StoreResult,
+    WritePlan,
+    admin_row,
+    change_of,
+    metadata_json,
+    migrations,
+    plan_write,
+)
 
 T = TypeVar("T")
-_COLS = ", ".join(ACTION_COLUMNS)
-_VALS = ", ".join(f":{c}" for c in ACTION_COLUMNS)
+_ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
+_INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
+                  f"VALUES ({', '.join(f':{c}' for c in _ROW_COLUMNS)})")
+_CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
 
 
-def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat() if value else None
+def ts(value: datetime | None) -> str | None:
+    """Fixed-width UTC text: sorts and compares as the instant does."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00") if value else None
+
+
+def _params(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for c in _ROW_COLUMNS:
+        value = row.get(c)
+        if c in audit.TIMESTAMP_COLUMNS:
+            value = ts(value)
+        elif c in audit.JSON_COLUMNS and value is not None:
+            value = json.dumps(value, separators=(",", ":"))
+        out[c] = value
+    return out
+
+
+def _rows(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 class SqliteStore(Store):
-    """The store on a SQLite file (WAL, synchronous=FULL); one connection on one worker thread."""
+    """The store on a SQLite file (WAL, synchronous=FULL).
+
+    `create=False` refuses a file that does not exist (a reader pointed at the wrong path gets an error,
+    not a new empty store that answers "clear").
+    """
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        self._db = SqliteDb(path, synchronous="FULL", create=create, name="sqlite-store")
+        self.location = f"SQLite {str(path)!r}"
 
     async def open(self) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-            await self._run(self._connect)
-
-    def _connect(self, _: sqlite3.Connection | None = None) -> None:
-        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        self._conn = conn
+        try:
+            await self._db.open()
+        except sqlite3.Error as exc:
+            raise SchemaMissing(f"{self.location} cannot be opened ({exc}): run `optout migrate`, or point "
+                                "OPTOUT_DB_PATH at the agent's store") from exc
 
     async def close(self) -> None:
-        if self._executor is None:
-            return
-        executor, self._executor = self._executor, None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+        await self._db.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
-            raise StoreUnavailable("SQLite store is closed")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn, *args)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite {str(self._path)!r}: {exc}") from exc
+            return await self._db.run(fn, *args)
+        except RuntimeError as exc:
+            raise StoreUnavailable(f"{self.location} is closed") from exc
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                raise SchemaMissing(f"{self.location} has no opt-out schema ({exc}); run `optout migrate`") from exc
+            raise StoreUnavailable(f"{self.location}: {exc}") from exc
+        except (sqlite3.Error, UnicodeError, ValueError, OverflowError) as exc:
+            raise StoreRejected(f"{self.location} refused the data: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         await self._run(lambda c: c.execute("SELECT 1"))
@@ -72,8 +105,7 @@ class SqliteStore(Store):
 
     def _migrate(self, conn: sqlite3.Connection) -> list[str]:
         applied = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {TABLE_SCHEMA_VERSION} (version INTEGER PRIMARY KEY,"
                 " name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
@@ -86,174 +118,196 @@ class SqliteStore(Store):
                     conn.execute(statement)
                 conn.execute(f"INSERT INTO {TABLE_SCHEMA_VERSION} (version, name) VALUES (?, ?)", (version, name))
                 applied.append(name)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return applied
 
-    async def record(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
-        return await self._run(self._record, list(records))
+    async def require_schema(self) -> None:
+        def versions(conn: sqlite3.Connection) -> set[int]:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (TABLE_SCHEMA_VERSION,)).fetchone():
+                return set()
+            return {r[0] for r in conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")}
 
-    def _record(self, conn: sqlite3.Connection, records: list[OptOutRecord]) -> list[StoreResult]:
-        results = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for rec in records:
-                if conn.execute("SELECT 1 FROM optout_actions WHERE event_id = ?", (rec.event_id,)).fetchone():
-                    results.append(StoreResult(rec.event_id, duplicate=True, outcome=None))
-                    continue
-                outcome = Outcome.NUMBER_UNKNOWN
-                if rec.phone_number is not None:
-                    meta = rec.metadata()
-                    cur = conn.execute(
-                        "INSERT INTO blacklist (phone_number, added_at, reason, source, metadata)"
-                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (phone_number) DO NOTHING",
-                        (rec.phone_number, _ts(rec.received_at), rec.reason, rec.source.value,
-                         json.dumps(meta) if meta else None),
-                    )
-                    outcome = Outcome.BLACKLISTED if cur.rowcount == 1 else Outcome.ALREADY_BLACKLISTED
-                params = action_params(rec)
-                for key in ("pressed_at", "received_at", "hangup_requested_at", "hungup_at"):
-                    params[key] = _ts(params[key])
-                params["outcome"] = outcome.value
-                conn.execute(f"INSERT INTO optout_actions ({_COLS}, outcome) VALUES ({_VALS}, :outcome)", params)
-                if rec.campaign_id is not None:
-                    conn.execute(
-                        "INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at) VALUES (?, 1, ?)"
-                        " ON CONFLICT (campaign_id) DO UPDATE SET optouts = optouts + 1,"
-                        " last_optout_at = max(coalesce(last_optout_at, ''), excluded.last_optout_at)",
-                        (rec.campaign_id, _ts(rec.received_at)),
-                    )
-                results.append(StoreResult(rec.event_id, duplicate=False, outcome=outcome))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return results
+        done = await self._run(versions)
+        missing = [name for version, name, _ in migrations(self.dialect) if version not in done]
+        if missing:
+            raise SchemaMissing(f"{self.location} lacks the opt-out schema ({', '.join(missing)} not applied): "
+                                "run `optout migrate`, or point OPTOUT_DB_PATH at the agent's store")
+
+    # --- writes --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _read(conn: sqlite3.Connection, ids: list[str], numbers: list[str]) -> tuple[set[str], set[str], str | None]:
+        seen: set[str] = set()
+        listed: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            seen.update(r[0] for r in conn.execute(
+                f"SELECT event_id FROM optout_actions WHERE event_id IN ({','.join('?' * len(chunk))})", chunk))
+        for i in range(0, len(numbers), 500):
+            chunk = numbers[i : i + 500]
+            listed.update(r[0] for r in conn.execute(
+                f"SELECT phone_number FROM blacklist WHERE phone_number IN ({','.join('?' * len(chunk))})", chunk))
+        row = conn.execute("SELECT row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone()
+        return seen, listed, row[0] if row else None
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, plan: WritePlan) -> None:
+        conn.executemany(
+            "INSERT INTO blacklist (phone_number, added_at, reason, source, metadata) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (phone_number) DO NOTHING",
+            [(r.phone_number, ts(r.received_at), r.reason, r.source.value, metadata_json(r)) for r in plan.blacklist],
+        )
+        conn.executemany(_INSERT_ACTION, [_params(row) for row in plan.actions])
+        conn.executemany(
+            "INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (campaign_id) DO UPDATE SET optouts = optouts + excluded.optouts,"
+            " last_optout_at = max(coalesce(last_optout_at, ''), excluded.last_optout_at)",
+            [(c, n, ts(last)) for c, (n, last) in plan.campaigns.items()],
+        )
+
+    async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
+        return await self._run(self._write, list(records))
+
+    def _write(self, conn: sqlite3.Connection, records: list[OptOutRecord]) -> list[StoreResult]:
+        with transaction(conn):
+            seen, listed, head = self._read(conn, [r.event_id for r in records],
+                                            [r.phone_number for r in records if r.phone_number])
+            plan = plan_write(records, seen_ids=seen, listed=listed, head=head, now=datetime.now(UTC))
+            self._insert(conn, plan)
+        return plan.results
+
+    async def append_action(self, row: dict[str, Any]) -> None:
+        def append(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                audit.chain([row], self._read(conn, [], [])[2])
+                conn.execute(_INSERT_ACTION, _params(row))
+
+        await self._run(append)
 
     async def remove(self, removal: Removal) -> bool:
         return await self._run(self._remove, removal)
 
     def _remove(self, conn: sqlite3.Connection, removal: Removal) -> bool:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cur = conn.execute("DELETE FROM blacklist WHERE phone_number = ?", (removal.phone_number,))
-            if cur.rowcount == 0:
-                conn.execute("ROLLBACK")
+        with transaction(conn):
+            if conn.execute("DELETE FROM blacklist WHERE phone_number = ?", (removal.phone_number,)).rowcount == 0:
                 return False
-            conn.execute(
-                "INSERT INTO optout_actions (event_id, phone_number, origin, received_at, outcome, actor, reason)"
-                " VALUES (?, ?, 'admin', ?, ?, ?, ?)",
-                (removal.event_id, removal.phone_number, _ts(removal.at), Outcome.REMOVED.value, removal.actor,
-                 removal.reason),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            row = admin_row(event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED,
+                            at=removal.at, recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason)
+            audit.chain([row], self._read(conn, [], [])[2])
+            conn.execute(_INSERT_ACTION, _params(row))
         return True
-
-    async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
-        return await self._run(self._blacklisted, list(numbers))
-
-    @staticmethod
-    def _blacklisted(conn: sqlite3.Connection, numbers: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(numbers), 500):
-            chunk = numbers[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            found.update(
-                r[0] for r in conn.execute(f"SELECT phone_number FROM blacklist WHERE phone_number IN ({marks})", chunk)
-            )
-        return found
-
-    async def entries(
-        self, *, batch_size: int = 10_000, since: datetime | None = None
-    ) -> AsyncIterator[list[BlacklistEntry]]:
-        last = ""
-        while True:
-            rows = await self._run(self._entries_page, last, batch_size, _ts(since))
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield [
-                BlacklistEntry(
-                    phone_number=r[0], added_at=datetime.fromisoformat(r[1]), reason=r[2], source=r[3],
-                    metadata=json.loads(r[4]) if r[4] else None,
-                )
-                for r in rows
-            ]
-
-    @staticmethod
-    def _entries_page(conn: sqlite3.Connection, after: str, limit: int, since: str | None) -> list[Any]:
-        return conn.execute(
-            "SELECT phone_number, added_at, reason, source, metadata FROM blacklist"
-            " WHERE phone_number > ? AND (? IS NULL OR phone_number IN"
-            " (SELECT phone_number FROM optout_actions WHERE recorded_at >= ?)) ORDER BY phone_number LIMIT ?",
-            (after, since, since, limit),
-        ).fetchall()
 
     async def import_numbers(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
     ) -> int:
-        return await self._run(self._import, list(numbers), _ts(added_at), reason, source.value, actor)
+        return await self._run(self._import, list(numbers), added_at, reason, source, actor)
 
-    @staticmethod
-    def _import(conn: sqlite3.Connection, numbers: list[str], added_at: str, reason: str, source: str,
-                actor: str) -> int:
+    def _import(self, conn: sqlite3.Connection, numbers: list[str], added_at: datetime, reason: str,
+                source: Source, actor: str) -> int:
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
-        now = _ts(datetime.now(UTC))
-        new = 0
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for number in numbers:
-                cur = conn.execute(
-                    "INSERT INTO blacklist (phone_number, added_at, reason, source) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (phone_number) DO NOTHING",
-                    (number, added_at, reason, source),
-                )
-                if cur.rowcount == 1:
-                    new += 1
-                    conn.execute(
-                        "INSERT INTO optout_actions (event_id, phone_number, origin, source, received_at, outcome,"
-                        " actor, reason) VALUES (?, ?, 'admin', ?, ?, 'blacklisted', ?, ?)",
-                        (prefix + number, number, source, now, actor, reason),
-                    )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return new
+        now = datetime.now(UTC)
+        with transaction(conn):
+            head = self._read(conn, [], [])[2]
+            new = [n for n in dict.fromkeys(numbers) if conn.execute(
+                "INSERT INTO blacklist (phone_number, added_at, reason, source) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (phone_number) DO NOTHING", (n, ts(added_at), reason, source.value)).rowcount == 1]
+            rows = [admin_row(event_id=prefix + n, phone_number=n, outcome=Outcome.BLACKLISTED, at=now,
+                              recorded_at=now, actor=actor, reason=reason, source=source) for n in new]
+            audit.chain(rows, head)
+            conn.executemany(_INSERT_ACTION, [_params(r) for r in rows])
+        return len(new)
+
+    async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
+        def note(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany("INSERT OR IGNORE INTO optout_visibility (event_id, visible_at) VALUES (?, ?)",
+                                 [(event_id, ts(at)) for event_id, at in seen])
+
+        if seen:
+            await self._run(note)
+
+    # --- reads ---------------------------------------------------------------------------------------------
+    async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
+        return await self._run(lambda c: self._read(c, [], list(numbers))[1])
+
+    async def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
+        last = ""
+        while True:
+            rows = await self._run(lambda c, after=last: c.execute(
+                "SELECT phone_number, added_at, reason, source, metadata FROM blacklist"
+                " WHERE phone_number > ? ORDER BY phone_number LIMIT ?", (after, batch_size)).fetchall())
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [
+                BlacklistEntry(phone_number=r[0], added_at=datetime.fromisoformat(r[1]), reason=r[2], source=r[3],
+                               metadata=json.loads(r[4]) if r[4] else None)
+                for r in rows
+            ]
+
+    async def head(self) -> int:
+        return await self._run(lambda c: int(c.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
+                                               .fetchone()[0]))
+
+    async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
+        rows = await self._run(lambda c: c.execute(
+            "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id, a.campaign_id,"
+            " a.contact_id, a.pressed_at, a.event_id, a.visible_at IS NOT NULL OR v.event_id IS NOT NULL"
+            " FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
+            f" WHERE a.id > ? AND a.id <= ? AND a.phone_number IS NOT NULL AND a.{_CHANGE_FILTER}"
+            " ORDER BY a.id LIMIT ?", (after, upto, limit)).fetchall())
+        return [change_of(row) for row in rows]
 
     async def history(self, phone_number: str) -> list[dict[str, Any]]:
-        return await self._run(self._select_actions, "phone_number = ?", [phone_number])
-
-    @staticmethod
-    def _select_actions(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[dict[str, Any]]:
-        cur = conn.execute(f"SELECT * FROM optout_actions WHERE {where} ORDER BY id", params)
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return await self._run(lambda c: _rows(c.execute(
+            "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
+            " LEFT JOIN optout_visibility v USING (event_id) WHERE a.phone_number = ? ORDER BY a.id",
+            (phone_number,))))
 
     async def actions(
-        self, *, campaign_id: str | None = None, number_prefix: str | None = None
+        self, *, campaign_id: str | None = None, number_prefix: str | None = None,
+        since: datetime | None = None, until: datetime | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        clauses: list[str] = ["1 = 1"]
+        clauses: list[str] = ["a.id > ?"]
         params: list[Any] = []
         if campaign_id is not None:
-            clauses.append("campaign_id = ?")
+            clauses.append("a.campaign_id = ?")
             params.append(campaign_id)
         if number_prefix is not None:
-            clauses.append("substr(phone_number, 1, ?) = ?")
+            clauses.append("substr(a.phone_number, 1, ?) = ?")
             params += [len(number_prefix), number_prefix]
-        for row in await self._run(self._select_actions, " AND ".join(clauses), params):
-            yield row
+        if since is not None:
+            clauses.append("a.recorded_at >= ?")
+            params.append(ts(since))
+        if until is not None:
+            clauses.append("a.recorded_at < ?")
+            params.append(ts(until))
+        last = 0
+        while True:
+            page = await self._run(lambda c, after=last: _rows(c.execute(
+                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
+                f" LEFT JOIN optout_visibility v USING (event_id) WHERE {' AND '.join(clauses)}"
+                " ORDER BY a.id LIMIT 5000", [after, *params])))
+            if not page:
+                return
+            last = page[-1]["id"]
+            for row in page:
+                yield row
 
-    async def campaign_count(self, campaign_id: str) -> int:
-        rows = await self._run(
-            lambda c: c.execute("SELECT optouts FROM campaign_optouts WHERE campaign_id = ?", (campaign_id,)).fetchall()
-        )
-        return int(rows[0][0]) if rows else 0
+    async def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
+        columns = ", ".join(("id", *_ROW_COLUMNS))
+        last = 0
+        while True:
+            page = await self._run(lambda c, after=last: _rows(c.execute(
+                f"SELECT {columns} FROM optout_actions WHERE id > ? ORDER BY id LIMIT 5000", (after,))))
+            if not page:
+                return
+            last = page[-1]["id"]
+            for row in page:
+                yield row
+
+    async def chain_head(self) -> tuple[int, str | None]:
+        row = await self._run(lambda c: c.execute(
+            "SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone())
+        return (int(row[0]), row[1]) if row else (0, None)
 
 
 def _split_sql(script: str) -> list[str]:

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import aiohttp
 
-from agent.ari import parse_ari_time
 from agent.errors import TelephonyError
 from agent.lifecycle import Resource
+from agent.telephony import parse_ari_time
 
 log = logging.getLogger("agent.testcall")
 

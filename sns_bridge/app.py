@@ -1,7 +1,8 @@
 """The bridge's composition root (`optout bridge`): SNS-originated opt-outs into the pipeline.
 
 Opens the core (journal, store, Redis) and runs, until SIGTERM/SIGINT: the HTTP endpoint when
-BRIDGE_HTTP_PORT is not 0, the SQS poller when BRIDGE_SQS_QUEUE_URL is set, and the journal Replayer.
+BRIDGE_HTTP_PORT is not 0, the SQS poller when BRIDGE_SQS_QUEUE_URL is set, the journal Replayer, the cache
+keeper and the health checks. Imports no telephony code.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import httpx
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from agent.app import Core, drain_inflight, migrate_until_done, open_core, supervised
+from agent.core import Core, drain_inflight, migrate_until_done, open_core, supervised
 from agent.errors import ConfigError
+from agent.health import Health
 from agent.pipeline import Replayer
 from agent.settings import Settings
 from sns_bridge.handler import BridgeHandler, MessageIdDedupe
+from sns_bridge.hangup import WorkerHangup
 from sns_bridge.http import BridgeHttp, certificate_client
 from sns_bridge.sqs import SqsPoller
-from sns_bridge.terminate import WorkerTerminator
 from sns_bridge.verify import HttpCertificateSource, SnsVerifier
 
 log = logging.getLogger("sns_bridge.app")
@@ -52,17 +54,15 @@ async def run_bridge(settings: Settings) -> int:
 
 async def open_handler(settings: Settings, core: Core, stack: AsyncExitStack) -> BridgeHandler:
     """The one handler every way in (HTTP, SQS, Lambda) calls, with its worker client closed by `stack`."""
-    terminator = None
+    worker = None
     if settings.asterisk_worker_url:
         worker_client = await stack.enter_async_context(httpx.AsyncClient())
         token = settings.bridge_worker_token.get_secret_value() if settings.bridge_worker_token else None
-        terminator = WorkerTerminator(base_url=settings.asterisk_worker_url, token=token, client=worker_client)
+        worker = WorkerHangup(base_url=settings.asterisk_worker_url, token=token, client=worker_client)
     else:
-        log.info("ASTERISK_WORKER_URL is not set: SNS opt-outs are recorded without ending calls")
-    return BridgeHandler(
-        pipeline=core.pipeline, region=settings.optout_default_region,
-        dedupe=MessageIdDedupe(redis=core.cache.client if core.cache else None), terminator=terminator,
-    )
+        log.info("ASTERISK_WORKER_URL is not set: SNS opt-outs are stored without ending calls")
+    return BridgeHandler(pipeline=core.pipeline, region=settings.optout_default_region,
+                         dedupe=MessageIdDedupe(cache=core.cache), worker=worker)
 
 
 async def _serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -98,17 +98,22 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
                 allowed_topic_arns=settings.topic_allow_list, wait_seconds=SQS_WAIT_SECONDS,
             )
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
+        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds,
+                        retention=timedelta(days=settings.optout_journal_retention_days))
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(supervised("journal-replayer", replayer.run), name="journal-replayer"),
-                     tg.create_task(supervised("store-migrate", lambda: migrate_until_done(core.store)),
-                                    name="store-migrate")]
+            named = {"journal-replayer": replayer.run, "store-migrate": lambda: migrate_until_done(core.store),
+                     "health": health.run}
+            if core.cache_sync is not None:
+                named["cache-sync"] = core.cache_sync.run
+            tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]
+            intake = None
             if poller is not None:
-                tasks.append(tg.create_task(supervised("sqs-poller", poller.run), name="sqs-poller"))
+                intake = tg.create_task(supervised("sqs-poller", poller.run), name="sqs-poller")
             log.info("bridge running", extra={"http": settings.bridge_http_port != 0, "sqs": poller is not None})
             await stop.wait()
             log.info("stopping: finishing in-flight opt-outs")
-            for task in tasks[2:]:
-                task.cancel()  # stop taking new work first
+            if intake is not None:
+                intake.cancel()  # stop taking new work first
             await drain_inflight(core.pipeline, within=5.0)
-            for task in tasks[:2]:
+            for task in tasks:
                 task.cancel()

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import httpx
 from aiohttp import web
 
 from agent.errors import JournalError
-from agent.http import AppServer
+from agent.http import AppServer, answer
 from sns_bridge.errors import (
     CertificateRefused,
     CertificateUnavailable,
@@ -58,10 +57,6 @@ def certificate_client(*, transport: httpx.AsyncBaseTransport | None = None, tim
     )
 
 
-def _answer(code: int, /, **body: Any) -> web.Response:
-    return web.json_response(body, status=code)
-
-
 class BridgeHttp(AppServer):
     """Serves POST /sns on host:port (async context manager). `client` fetches SubscribeURLs; it is the caller's."""
 
@@ -78,14 +73,14 @@ class BridgeHttp(AppServer):
         super().__init__(app, host=host, port=port, name="SNS endpoint (POST /sns)")
 
     async def _health(self, request: web.Request) -> web.Response:
-        return _answer(200, status="ok")
+        return answer(200, status="ok")
 
     async def _sns(self, request: web.Request) -> web.Response:
         raw = await request.read()  # over client_max_size: aiohttp answers 413
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return self._refuse(400, f"body is not JSON: {exc}")
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, nesting too deep, an int too long
+            return self._refuse(400, f"body is not JSON that can be read: {type(exc).__name__}: {str(exc)[:120]}")
         try:
             verify_headers(request.headers, body)
             message = await self._verifier.verify(body)
@@ -93,7 +88,7 @@ class BridgeHttp(AppServer):
             return self._refuse(403, str(exc))
         except CertificateUnavailable as exc:
             log.warning("SNS message not verified yet, SNS will retry: %s", exc)
-            return _answer(503, error=str(exc))
+            return answer(503, error=str(exc))
         except SnsMessageInvalid as exc:
             return self._refuse(400, str(exc))
         except SnsVerificationError as exc:
@@ -102,7 +97,7 @@ class BridgeHttp(AppServer):
             return await self._confirm(message)
         if message.type is MessageType.UNSUBSCRIBE_CONFIRMATION:
             log.warning("SNS unsubscribed this endpoint from %s (MessageId %s)", message.topic_arn, message.message_id)
-            return _answer(200, result="unsubscribe noted")
+            return answer(200, result="unsubscribe noted")
         try:
             handled = await self._handler.apply(
                 message_id=message.message_id, message=message.message,
@@ -112,9 +107,10 @@ class BridgeHttp(AppServer):
             return self._refuse(400, str(exc), message_id=message.message_id)
         except JournalError as exc:
             log.error("opt-out in SNS message %s not made durable, SNS will retry: %s", message.message_id, exc)
-            return _answer(503, error="the opt-out could not be made durable; retry")
+            return answer(503, error="the opt-out could not be made durable; retry")
         status = handled.status.value if handled.status else None
-        return _answer(200, result=handled.disposition.value, eventId=handled.event_id, status=status)
+        extra = {"dropped": handled.dropped} if handled.dropped else {}
+        return answer(200, result=handled.disposition.value, eventId=handled.event_id, status=status, **extra)
 
     async def _confirm(self, message: SnsMessage) -> web.Response:
         """GET the SubscribeURL; the verifier has checked the topic is allowed and the URL is SNS's."""
@@ -125,11 +121,11 @@ class BridgeHttp(AppServer):
                 raise ConfirmationFailed(f"SubscribeURL answered HTTP {response.status_code}")
         except (httpx.HTTPError, ConfirmationFailed, CertificateRefused) as exc:
             log.warning("confirming the subscription to %s failed, SNS will resend: %s", message.topic_arn, exc)
-            return _answer(503, error=f"confirmation failed: {exc}")
+            return answer(503, error=f"confirmation failed: {exc}")
         log.info("confirmed the subscription to %s", message.topic_arn)
-        return _answer(200, result="subscription confirmed")
+        return answer(200, result="subscription confirmed")
 
     @staticmethod
     def _refuse(status: int, problem: str, *, message_id: str | None = None) -> web.Response:
         log.warning("refused an SNS message (%d): %s", status, problem, extra={"sns_message_id": message_id})
-        return _answer(status, error=problem)
+        return answer(status, error=problem)

@@ -5,7 +5,8 @@ Takes the event Lambda builds for an SNS trigger, `{"Records": [{"Sns": {"Messag
 pipeline (origin sns), opening the core from Settings for each invocation (`asyncio.run`).
 
 Trust: Lambda invokes the function only for the topics its resource policy and trigger allow, so the
-signature is not checked here (BRIDGE_TOPIC_ARNS, when set, is still enforced). A record that is not a
+signature is not checked here (BRIDGE_TOPIC_ARNS, when set, is still enforced: a record without a TopicArn is
+refused then). A record that is not a
 valid opt-out is logged and counted in the summary: retrying cannot fix it. The journal lives in /tmp,
 which does not survive a cold start, so the invocation succeeds only once every opt-out is in the store;
 otherwise it raises (NotStored, JournalError) and Lambda retries it, finding the earlier ones as duplicates.
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-from agent.app import open_core
+from agent.core import open_core
 from agent.errors import StoreUnavailable
 from agent.pipeline import Replayer
 from agent.settings import Settings
@@ -49,8 +50,11 @@ async def handle_event(event: Mapping[str, Any], settings: Settings) -> dict[str
                 summary["rejected"].append({"record": index, "error": "no Sns.Message string"})
                 continue
             topic_arn = sns.get("TopicArn")
-            if allowed and topic_arn is not None and topic_arn not in allowed:
-                summary["rejected"].append({"record": index, "error": f"topic {topic_arn!r} not in BRIDGE_TOPIC_ARNS"})
+            if allowed and topic_arn not in allowed:
+                why = (f"topic {topic_arn!r} not in BRIDGE_TOPIC_ARNS" if topic_arn
+                       else "no TopicArn, and BRIDGE_TOPIC_ARNS is set")
+                log.error("SNS record %d refused: %s", index, why)
+                summary["rejected"].append({"record": index, "error": why})
                 continue
             message_id = sns.get("MessageId")
             try:

@@ -1,14 +1,19 @@
 """The SQS poller: opt-outs from an SNS -> SQS subscription, in envelope or raw delivery.
 
-Long polling, ten messages at a time, handled concurrently. A message is deleted only once its opt-out
-is durable (recorded, journaled or a duplicate) or was skipped as an agent's own event. A message that
-is not a valid opt-out is logged and left alone: the queue's redrive policy moves it to the dead-letter
-queue after maxReceiveCount receives. While a batch is being worked on, its visibility is extended.
+Long polling, ten messages at a time, handled concurrently, each on its own: one message that cannot be
+handled never stops the others or leaves the batch undeleted. A message is deleted once its opt-out is
+durable (stored, journaled or a duplicate) or was skipped as an agent's own event. A message that is not a
+valid opt-out (or that fails in a way retrying cannot fix) is logged at ERROR and left for the queue's
+redrive policy, which moves it to the dead-letter queue after maxReceiveCount receives; after
+POISON_RECEIVES receives it is deleted (ERROR log, `optout_rejected_total{origin="sns"}`), so a queue
+without a redrive policy does not loop on it forever. While a batch is being worked on, its visibility is
+extended.
 
 Trust: SQS envelopes are not signature-checked. Only principals the queue's IAM policy admits (the
 topic, through `aws:SourceArn`) can send to it, so that policy is the trust boundary; a SigningCertURL
 could not be fetched from every deployment anyway (emulators point it at real AWS). When
-BRIDGE_TOPIC_ARNS is set, envelopes from other topics are still refused, as a second check.
+BRIDGE_TOPIC_ARNS is set, envelopes from other topics, or with no TopicArn at all, are refused too, as a
+second check.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent import metrics
 from agent.backoff import Backoff
+from agent.constants import Origin
 from agent.errors import JournalError
 from sns_bridge.errors import EventRejected
 from sns_bridge.handler import BridgeHandler, Handled, attribute_values
@@ -31,6 +38,9 @@ from sns_bridge.handler import BridgeHandler, Handled, attribute_values
 log = logging.getLogger("sns_bridge.sqs")
 
 _AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
+POISON_RECEIVES = 5
+"""Receives after which a message that cannot be applied is deleted (without a dead-letter queue it would
+otherwise come back forever)."""
 
 
 @dataclass(frozen=True)
@@ -41,13 +51,15 @@ class Notification:
     message: str
     attributes: dict[str, str]
     topic_arn: str | None
+    envelope: bool = False
+    """An SNS envelope (SNS -> SQS delivery), not raw delivery."""
 
 
 def unwrap(body: str, sqs_attributes: Mapping[str, Any] | None) -> Notification:
     """Read an SQS body as an SNS envelope (a Notification object) or, failing that, as raw delivery."""
     try:
         data = json.loads(body)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict) and data.get("Type") == "Notification" and isinstance(data.get("Message"), str):
         message_id = data.get("MessageId")
@@ -57,6 +69,7 @@ def unwrap(body: str, sqs_attributes: Mapping[str, Any] | None) -> Notification:
             message=data["Message"],
             attributes=attribute_values(data.get("MessageAttributes")),
             topic_arn=topic_arn if isinstance(topic_arn, str) else None,
+            envelope=True,
         )
     # Raw delivery: the body is the event; SNS's attributes arrive as SQS message attributes and the
     # SNS MessageId is gone (the pipeline still dedupes by eventId).
@@ -117,33 +130,41 @@ class SqsPoller:
         return len(done)
 
     async def _handle(self, sqs_message: Mapping[str, Any], pending: set[str]) -> bool:
-        """Handle one message; True when it may be deleted."""
+        """Handle one message; True when it may be deleted. Never raises."""
+        message_id = sqs_message.get("MessageId")
         try:
-            note = unwrap(sqs_message.get("Body", ""), sqs_message.get("MessageAttributes"))
-            receives = sqs_message.get("Attributes", {}).get("ApproximateReceiveCount", "?")
-            if self._allowed and note.topic_arn is not None and note.topic_arn not in self._allowed:
-                log.error(
-                    "SQS message %s comes from topic %s, not in BRIDGE_TOPIC_ARNS; left for the redrive policy",
-                    sqs_message.get("MessageId"), note.topic_arn,
-                )
-                return False
-            try:
-                handled: Handled = await self._handler.apply(
-                    message_id=note.message_id, message=note.message, attributes=note.attributes
-                )
-            except EventRejected as exc:
-                log.error(
-                    "SQS message %s is not a valid opt-out (receive %s); left for the redrive policy: %s",
-                    sqs_message.get("MessageId"), receives, exc,
-                )
-                return False
-            except JournalError as exc:
-                log.error("SQS message %s not made durable; SQS redelivers it: %s", sqs_message.get("MessageId"), exc)
-                return False
-            log.debug("SQS message %s: %s", sqs_message.get("MessageId"), handled.disposition.value)
+            receives = int(sqs_message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        except (TypeError, ValueError):
+            receives = 1
+        try:
+            note = unwrap(str(sqs_message.get("Body", "")), sqs_message.get("MessageAttributes"))
+            if self._allowed and note.envelope and note.topic_arn not in self._allowed:
+                raise EventRejected("TopicArn", f"{note.topic_arn!r} is not in BRIDGE_TOPIC_ARNS" if note.topic_arn
+                                    else "missing from the SNS envelope, and BRIDGE_TOPIC_ARNS is set")
+            handled: Handled = await self._handler.apply(
+                message_id=note.message_id, message=note.message, attributes=note.attributes
+            )
+            log.debug("SQS message %s: %s", message_id, handled.disposition.value)
             return True
+        except JournalError as exc:
+            log.error("SQS message %s not made durable; SQS redelivers it: %s", message_id, exc)
+            return False
+        except EventRejected as exc:
+            return self._poison(message_id, receives, f"not a valid opt-out: {exc}")
+        except Exception as exc:
+            log.exception("SQS message %s could not be handled", message_id)
+            return self._poison(message_id, receives, f"{type(exc).__name__}: {exc}")
         finally:
             pending.discard(sqs_message["ReceiptHandle"])
+
+    @staticmethod
+    def _poison(message_id: object, receives: int, why: str) -> bool:
+        metrics.REJECTED.labels(Origin.SNS.value).inc()
+        if receives >= POISON_RECEIVES:
+            log.error("SQS message %s deleted after %d receives: %s", message_id, receives, why)
+            return True
+        log.error("SQS message %s (receive %d) left for the redrive policy: %s", message_id, receives, why)
+        return False
 
     async def _keep_invisible(self, messages: Sequence[Mapping[str, Any]], pending: set[str]) -> None:
         """Every half visibility timeout, extend the visibility of the messages still being worked on."""

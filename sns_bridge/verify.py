@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from agent.lifecycle import Resource
 from sns_bridge.errors import (
+    CertificateRefused,
     CertificateUnavailable,
     HeaderMismatch,
     MessageNotFresh,
@@ -344,11 +345,15 @@ class HttpCertificateSource(Resource):
     async def _get(self, url: str) -> bytes:
         async with self._client.stream("GET", url, follow_redirects=False, timeout=self._timeout) as response:
             status = response.status_code
+            # One policy with the bridge's client (sns_bridge/http.py): a redirect or a 4xx from the
+            # certificate host is permanent (403, SNS stops); a 5xx may pass (503, SNS retries).
             if 300 <= status < 400:
                 location = response.headers.get("location")
-                raise CertificateUnavailable(
+                raise CertificateRefused(
                     f"fetch of {url} answered {status} redirecting to {_show(location)}; redirects are refused"
                 )
+            if 400 <= status < 500:
+                raise CertificateRefused(f"fetch of {url} answered HTTP {status}")
             if status != 200:
                 raise CertificateUnavailable(f"fetch of {url} answered HTTP {status}")
             body = bytearray()

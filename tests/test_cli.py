@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from agent.constants import BLACKLIST_SET, BLACKLIST_SYNCED
+from agent.constants import BLACKLIST_SENTINEL, BLACKLIST_SET, BLACKLIST_SYNCED
+from tests.conftest import PG_BASE
 
 
 @pytest.fixture
@@ -47,6 +48,7 @@ def test_check_fails_closed_when_the_store_cannot_answer(env: dict[str, str]) ->
 
 
 def test_remove_needs_a_reason_and_is_in_history(env: dict[str, str], redis_sync: redis.Redis) -> None:
+    assert optout(env, "migrate").returncode == 0
     optout(env, "add", "0501234567")
     assert redis_sync.sismember(BLACKLIST_SET, "+972501234567")
     assert optout(env, "remove", "0501234567").returncode == 2  # argparse: --reason is required
@@ -54,20 +56,24 @@ def test_remove_needs_a_reason_and_is_in_history(env: dict[str, str], redis_sync
     done = optout(env, "remove", "0501234567", "--reason", "consent given")
     assert done.returncode == 0
     assert not redis_sync.sismember(BLACKLIST_SET, "+972501234567")
-    history = optout(env, "history", "0501234567").stdout
+    history = optout(env, "history", "0501234567", "--json").stdout
     assert '"outcome": "blacklisted"' in history and '"outcome": "removed"' in history
     assert "consent given" in history
+    timeline = optout(env, "history", "0501234567").stdout
+    assert "journaled" in timeline and "visible to the dialers" in timeline and "stored" in timeline
+    assert "+972501234567" not in timeline, "numbers are masked unless LOG_FULL_NUMBERS"
 
 
 def test_import_reports_bad_rows_by_line_and_stores_good_ones(env: dict[str, str], tmp_path: Path,
                                                              redis_sync: redis.Redis) -> None:
+    assert optout(env, "migrate").returncode == 0
     csv_file = tmp_path / "numbers.csv"
     csv_file.write_text("name,phone\nann,050-123-4567\nbob,not-a-number\ncy,+14155550123\ndee,\n")
     out = optout(env, "import", str(csv_file))
     assert out.returncode == 2
     assert f"{csv_file}:3: field phone:" in out.stderr and f"{csv_file}:5: field phone:" in out.stderr
     assert "added 2" in out.stdout
-    assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+14155550123"}
+    assert redis_sync.smembers(BLACKLIST_SET) >= {"+972501234567", "+14155550123"}
     plain = tmp_path / "plain.txt"
     plain.write_text("0521234567\n\n0531234567\n")
     assert optout(env, "import", str(plain)).returncode == 0
@@ -78,22 +84,45 @@ def test_import_reports_bad_rows_by_line_and_stores_good_ones(env: dict[str, str
     assert len(audit) == 2 and "+14155550123" in audit[1]
 
 
-def test_sync_cache_rebuilds_redis_and_drops_removed_numbers(env: dict[str, str], redis_sync: redis.Redis) -> None:
+def test_sync_cache_exact_rebuilds_redis_and_drops_removed_numbers(env: dict[str, str],
+                                                                   redis_sync: redis.Redis) -> None:
+    assert optout(env, "migrate").returncode == 0
     optout(env, "add", "0501234567")
     optout(env, "add", "0521234567")
     redis_sync.sadd(BLACKLIST_SET, "+972539999999")  # stale: not in the store
     redis_sync.delete(BLACKLIST_SYNCED)
-    out = optout(env, "sync-cache")
+    out = optout(env, "sync-cache", "--exact")
     assert out.returncode == 0 and "2 numbers" in out.stdout
-    assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+972521234567"}
+    assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+972521234567", BLACKLIST_SENTINEL}
     assert redis_sync.exists(BLACKLIST_SYNCED)
 
 
-def test_embedded_sqlite_store_works_with_nothing_configured(tmp_path: Path) -> None:
+def test_embedded_store_is_shared_by_every_command_wherever_it_runs(tmp_path: Path) -> None:
+    """`make run` and `optout check` in another shell (another directory) read the same embedded store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_", "OPTOUT_"))}
-    env["OPTOUT_DEFAULT_REGION"] = "IL"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "agent.cli", *a], env=env, cwd=tmp_path,  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
-    assert run("add", "0501234567").returncode == 0
-    assert run("check", "0501234567").returncode == 1
-    assert (tmp_path / "optout.db").exists() and (tmp_path / "optout-journal.db").exists()
+    env.update(OPTOUT_DEFAULT_REGION="IL", XDG_STATE_HOME=str(tmp_path / "state"))
+    here, there = tmp_path / "a", tmp_path / "b"
+    here.mkdir()
+    there.mkdir()
+
+    def run(cwd: Path, *a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *a], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=60)
+
+    assert run(here, "migrate").returncode == 0
+    assert run(here, "add", "0501234567").returncode == 0
+    assert run(there, "check", "0501234567").returncode == 1
+    data = tmp_path / "state" / "optout-agent"
+    assert (data / "optout.db").exists() and (data / "journal.db").exists()
+
+
+def test_check_against_a_store_without_the_schema_is_an_error_never_clear(tmp_path: Path, pg_schema: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_", "OPTOUT_"))}
+    env.update(OPTOUT_DEFAULT_REGION="IL", OPTOUT_DB_PATH=str(tmp_path / "wrong.db"),
+               OPTOUT_JOURNAL_PATH=str(tmp_path / "j.db"))
+    for extra in ({}, {"DATABASE_URL": f"{PG_BASE}?options=-csearch_path%3D{pg_schema}"}):
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "check", "0501234567"], env={**env, **extra},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "clear" not in out.stdout
+        assert "optout migrate" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "wrong.db").exists(), "a reader never creates an empty store"

@@ -33,7 +33,9 @@ event_like = st.fixed_dictionaries(
 def test_any_event_is_accepted_or_refused_with_a_named_field(data: Any) -> None:
     for candidate in (data, json.dumps(data)):
         try:
-            record = record_from_event(parse_event(candidate), origin=Origin.SNS, region="IL")
+            parsed = parse_event(candidate)
+            assert all(d.field and str(d).startswith(f"field {d.field}:") for d in parsed.dropped)
+            record = record_from_event(parsed.event, origin=Origin.SNS, region="IL")
         except InvalidInput as exc:
             assert exc.field and str(exc).startswith(f"field {exc.field}:")
         else:
@@ -66,7 +68,8 @@ def test_any_bytes_as_event_json_are_refused_cleanly(raw: bytes) -> None:
 def test_any_bytes_as_fastagi_headers_parse_or_are_refused_cleanly(raw: bytes) -> None:
     import asyncio
 
-    from agent.agi import AgiProtocolError, agi_args, read_headers
+    from agent.agi import agi_args, read_headers
+    from agent.errors import AgiProtocolError
 
     async def parse() -> None:
         reader = asyncio.StreamReader(limit=4096)

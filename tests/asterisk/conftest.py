@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from agent.ari import AriAgent
+from agent.intake import Intake
 from agent.pipeline import OptOutPipeline
 from agent.testcall import CallObserver
 
@@ -94,14 +95,22 @@ async def wait_connected(agent: AriAgent, within: float = 10.0) -> None:
 
 
 @pytest.fixture
-async def ari_agent(ari_env: AriEnv, pipeline: OptOutPipeline) -> AsyncIterator[AriAgent]:
-    """A running ARI agent on the sandbox, recording into real PostgreSQL + Redis."""
+async def intake(pipeline: OptOutPipeline) -> AsyncIterator[Intake]:
+    """One intake per test, shared by every way in the test runs (as in the agent)."""
+    taken = Intake(pipeline=pipeline, digit="9", region="IL")
+    yield taken
+    await taken.drain(within=5.0)
+
+
+@pytest.fixture
+async def ari_agent(ari_env: AriEnv, intake: Intake) -> AsyncIterator[AriAgent]:
+    """A running ARI agent on the sandbox, storing into real PostgreSQL + Redis."""
     async with AriAgent(url=ari_env.url, username=ari_env.username, password=ari_env.password, app=ari_env.app,
-                        digit="9", region="IL", pipeline=pipeline) as agent:
+                        intake=intake) as agent:
         task = asyncio.create_task(agent.run(), name="ari-listener")
         await wait_connected(agent)
         yield agent
-        await agent.drain(within=5.0)
+        await intake.drain(within=5.0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

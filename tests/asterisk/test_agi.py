@@ -23,6 +23,8 @@ from panoramisk import Manager
 
 from agent.agi import AgiServer
 from agent.cache import RedisCache
+from agent.guard import DialGuard
+from agent.intake import Intake
 from agent.journal import Journal
 from agent.pipeline import OptOutPipeline
 from agent.precheck import BlacklistChecker
@@ -166,15 +168,20 @@ IVR_BY_NAME = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-pl
 
 
 @pytest.fixture
-def checker(pg_store: PostgresStore, cache: RedisCache) -> BlacklistChecker:
-    return BlacklistChecker(store=pg_store, cache=cache, region="US")
+def guard(pg_store: PostgresStore, cache: RedisCache) -> DialGuard:
+    return DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
 
 
 @pytest.fixture
-async def agi(pipeline: OptOutPipeline, checker: BlacklistChecker) -> AsyncIterator[AgiServer]:
-    async with AgiServer(host=AGI_HOST, port=AGI_PORT, digit="9", region="US", pipeline=pipeline,
-                         checker=checker, header_timeout=1.0) as server:
+def us_intake(pipeline: OptOutPipeline) -> Intake:
+    return Intake(pipeline=pipeline, digit="9", region="US")
+
+
+@pytest.fixture
+async def agi(us_intake: Intake, guard: DialGuard) -> AsyncIterator[AgiServer]:
+    async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=us_intake, guard=guard, header_timeout=1.0) as server:
         yield server
+    await us_intake.drain(within=5.0)
 
 
 async def wait_rows(store: PostgresStore, number: str, *, count: int = 1, within: float = 5.0) -> list[dict[str, Any]]:
@@ -328,19 +335,28 @@ async def test_precheck_reads_the_number_from_the_channel_when_no_argument(agi: 
 
 
 async def test_optout_hangs_up_even_when_the_journal_fails(
-    pg_store: PostgresStore, cache: RedisCache, journal: Journal, checker: BlacklistChecker
+    pg_store: PostgresStore, cache: RedisCache, journal: Journal, guard: DialGuard
 ) -> None:
-    await journal.close()  # every append now fails: the opt-out cannot be accepted, the call must still end
+    await journal.close()  # every append now fails: the call must still end, the opt-out go straight to the store
     pipeline = OptOutPipeline(journal=journal, store=pg_store, cache=cache)
-    async with AgiServer(host=AGI_HOST, port=AGI_PORT, digit="9", region="US", pipeline=pipeline, checker=checker):
+    intake = Intake(pipeline=pipeline, digit="9", region="US")
+    number = random_number()
+    async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard):
         got = await play_asterisk(agi_headers("optout", uniqueid=f"{uuid.uuid4().int % 10**9}.1"),
-                                  {"OPTOUT_NUMBER": random_number(), "CALL_ID": "c-1"})
+                                  {"OPTOUT_NUMBER": number, "CALL_ID": "c-1"})
+        await intake.drain(within=5.0)
     assert got[-1] == "HANGUP"
+    assert await pg_store.blacklisted([number]) == {number}
 
 
-async def test_optout_without_uniqueid_still_hangs_up(agi: AgiServer) -> None:
-    request = agi_headers("optout", uniqueid="").replace(b"agi_uniqueid: \n", b"")
-    assert await play_asterisk(request) == ["HANGUP"]
+async def test_optout_without_uniqueid_still_hangs_up_and_records_what_it_knows(
+    agi: AgiServer, pg_store: PostgresStore
+) -> None:
+    number = random_number()
+    request = agi_headers("optout", f"OPTOUT_NUMBER={number}", uniqueid="").replace(b"agi_uniqueid: \n", b"")
+    assert (await play_asterisk(request))[-1] == "HANGUP"
+    [row] = await wait_rows(pg_store, number)
+    assert row["origin"] == "agi"
 
 
 async def test_optout_takes_ids_from_agi_arguments(agi: AgiServer, pg_store: PostgresStore) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from agent.ami import AmiAgent, facts_from_ami
 from agent.ari import AriAgent
-from agent.pipeline import OptOutPipeline
+from agent.intake import Intake
 from agent.store_postgres import PostgresStore
 from tests.asterisk.test_agi import AsteriskCalls, random_number, wait_rows
 from tests.tcp_proxy import TcpProxy
@@ -37,20 +37,20 @@ async def running(agent: AmiAgent) -> asyncio.Task[None]:
     return task
 
 
-def make_agent(pipeline: OptOutPipeline, *, contexts: frozenset[str] = frozenset({"optout-plain-ivr"}),
+def make_agent(intake: Intake, *, contexts: frozenset[str] = frozenset({"optout-plain-ivr"}),
                host: str = AMI_HOST, port: int = AMI_PORT, ping_interval: float = 5.0) -> AmiAgent:
     if not AMI_SECRET:
         pytest.fail("AMI_SECRET is not set: source .run/test.env")
-    return AmiAgent(host=host, port=port, username=AMI_USER, secret=AMI_SECRET, contexts=contexts, digit="9",
-                    region="US", pipeline=pipeline, ping_interval=ping_interval, action_timeout=1.0)
+    return AmiAgent(host=host, port=port, username=AMI_USER, secret=AMI_SECRET, contexts=contexts, intake=intake,
+                    ping_interval=ping_interval, action_timeout=1.0)
 
 
 @pytest.fixture
-async def ami(pipeline: OptOutPipeline) -> AsyncIterator[AmiAgent]:
-    async with make_agent(pipeline) as agent:
+async def ami(intake: Intake) -> AsyncIterator[AmiAgent]:
+    async with make_agent(intake) as agent:
         task = await running(agent)
         yield agent
-        await agent.drain(within=5.0)
+        await intake.drain(within=5.0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -92,9 +92,9 @@ async def test_second_press_makes_one_optout(ami: AmiAgent, calls: AsteriskCalls
 
 
 async def test_a_context_not_watched_is_left_alone(
-    pipeline: OptOutPipeline, calls: AsteriskCalls, pg_store: PostgresStore
+    intake: Intake, calls: AsteriskCalls, pg_store: PostgresStore
 ) -> None:
-    async with make_agent(pipeline, contexts=frozenset({"some-other-ivr"})) as agent:
+    async with make_agent(intake, contexts=frozenset({"some-other-ivr"})) as agent:
         task = await running(agent)
         number = random_number()
         call = await calls.wait(await calls.place(number, press="9", ivr="plain", hold=1), within=6,
@@ -106,9 +106,9 @@ async def test_a_context_not_watched_is_left_alone(
 
 
 async def test_ami_and_ari_on_the_same_press_make_one_optout(
-    pipeline: OptOutPipeline, ari_agent: AriAgent, calls: AsteriskCalls, pg_store: PostgresStore
+    intake: Intake, ari_agent: AriAgent, calls: AsteriskCalls, pg_store: PostgresStore
 ) -> None:
-    async with make_agent(pipeline, contexts=frozenset({"optout-ivr"})) as agent:
+    async with make_agent(intake, contexts=frozenset({"optout-ivr"})) as agent:
         task = await running(agent)
         number = random_number()
         call = await calls.wait(await calls.place(number, press="9", ivr="ari"), within=8)
@@ -118,15 +118,15 @@ async def test_ami_and_ari_on_the_same_press_make_one_optout(
         assert len(rows) == 1, rows
         assert rows[0]["origin"] in ("ami", "ari")
         assert await pg_store.blacklisted([number]) == {number}
-        await agent.drain(within=3.0)
+        await intake.drain(within=3.0)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_connected_turns_false_when_ami_goes_silent_and_back_when_it_answers(pipeline: OptOutPipeline) -> None:
+async def test_connected_turns_false_when_ami_goes_silent_and_back_when_it_answers(intake: Intake) -> None:
     proxy = await TcpProxy(AMI_HOST, AMI_PORT).start()
     try:
-        async with make_agent(pipeline, host="127.0.0.1", port=proxy.port, ping_interval=0.2) as agent:
+        async with make_agent(intake, host="127.0.0.1", port=proxy.port, ping_interval=0.2) as agent:
             task = await running(agent)
             proxy.delay = 30.0  # the socket stays open but nothing comes back: only a checked ping notices
             await until_connected(agent, value=False, within=5.0)
@@ -140,10 +140,9 @@ async def test_connected_turns_false_when_ami_goes_silent_and_back_when_it_answe
         await proxy.stop()
 
 
-async def test_wrong_secret_never_reports_connected(pipeline: OptOutPipeline) -> None:
+async def test_wrong_secret_never_reports_connected(intake: Intake) -> None:
     agent = AmiAgent(host=AMI_HOST, port=AMI_PORT, username=AMI_USER, secret="wrong-secret",
-                     contexts=frozenset({"optout-plain-ivr"}), digit="9", region="US", pipeline=pipeline,
-                     action_timeout=1.0)
+                     contexts=frozenset({"optout-plain-ivr"}), intake=intake, action_timeout=1.0)
     async with agent:
         task = asyncio.create_task(agent.run())
         await asyncio.sleep(1.5)

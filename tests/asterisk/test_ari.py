@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import redis
 
-from agent.ari import AriAgent
+from agent.ari import AriAgent, Channel
 from agent.constants import BLACKLIST_SET
 from agent.http import AgentHttp
 from agent.store_postgres import PostgresStore
+from agent.telephony import ChannelFacts
 from agent.testcall import CallObserver
 from tests.asterisk.conftest import AriEnv, eventually, sandbox, wait_connected
 
@@ -118,11 +119,12 @@ async def test_bad_events_are_skipped_and_the_agent_keeps_working(
     assert await eventually(lambda: history(pg_store, number))
 
 
-async def test_terminate_endpoint_hangs_up_by_call_id(
+async def test_hangup_endpoint_hangs_up_by_call_id(
     ari_agent: AriAgent, observer: CallObserver, unused_tcp_port: int
 ) -> None:
+    token = "t0ken-long-enough-to-count"
     async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=lambda: {"ari": ari_agent.connected},
-                         terminate_call=ari_agent.terminate_call, api_token="t0ken"):
+                         hang_up_call=ari_agent.hang_up_call, api_token=token):
         call = await observer.place(unique_number(), press="", via="local")
         tracked = await eventually(
             lambda: asyncio.sleep(0, any(c.facts.var("CALL_ID") == call.call_id
@@ -130,16 +132,31 @@ async def test_terminate_endpoint_hangs_up_by_call_id(
         assert tracked
         base = f"http://127.0.0.1:{unused_tcp_port}"
         async with httpx.AsyncClient() as client:
-            assert (await client.post(f"{base}/calls/{call.call_id}/terminate")).status_code == 401
-            bad = await client.post(f"{base}/calls/{call.call_id}/terminate", headers={"Authorization": "Bearer x"})
+            assert (await client.post(f"{base}/calls/{call.call_id}/hangup")).status_code == 401
+            bad = await client.post(f"{base}/calls/{call.call_id}/hangup", headers={"Authorization": "Bearer x"})
             assert bad.status_code == 401
-            auth = {"Authorization": "Bearer t0ken"}
-            assert (await client.post(f"{base}/calls/nope/terminate", headers=auth)).status_code == 404
-            ok = await client.post(f"{base}/calls/{call.call_id}/terminate", headers=auth)
+            latin1 = await client.post(f"{base}/calls/{call.call_id}/hangup",
+                                       headers=[(b"Authorization", b"Bearer \xe9t\xe9")])
+            assert latin1.status_code == 401
+            auth = {"Authorization": f"Bearer {token}"}
+            assert (await client.post(f"{base}/calls/nope/hangup", headers=auth)).status_code == 404
+            ok = await client.post(f"{base}/calls/{call.call_id}/terminate", headers=auth)  # the old name
             assert ok.status_code == 200
             assert (await client.get(f"{base}/ready")).json()["ready"] is True
         await observer.wait(call, timeout=10)
         assert call.hung_up
+
+
+async def test_a_failed_hangup_request_is_a_502_not_a_500(ari_env: AriEnv, intake: Any, unused_tcp_port: int) -> None:
+    agent = AriAgent(url="http://127.0.0.1:1", username="u", password="p", app="none", intake=intake)
+    async with agent:
+        agent._channels["c1"] = Channel("c1", ChannelFacts(uniqueid="c1", variables={"CALL_ID": "call-9"}))
+        token = "t0ken-long-enough-to-count"
+        async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=dict, hang_up_call=agent.hang_up_call,
+                             api_token=token), httpx.AsyncClient() as client:
+            answer = await client.post(f"http://127.0.0.1:{unused_tcp_port}/calls/call-9/hangup",
+                                       headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 502 and "error" in answer.json()
 
 
 async def test_agent_reconnects_after_asterisk_restarts(
@@ -159,3 +176,19 @@ async def test_agent_reconnects_after_asterisk_restarts(
         call = await obs.wait(await obs.place(number, press="9", via="sip"), timeout=15)
         assert call.hung_up
     assert await eventually(lambda: history(pg_store, number))
+
+
+async def test_a_press_with_an_unexpected_timestamp_is_still_hung_up_and_stored(
+    ari_agent: AriAgent, observer: CallObserver, pg_store: PostgresStore
+) -> None:
+    for stamp, number in (("2026-11-25T12:25:11+0000", unique_number()), ("garbage", unique_number())):
+        call = await observer.place(number, press="", via="local")
+        chan = await eventually(lambda call=call: asyncio.sleep(0, next(
+            (c for c in ari_agent._channels.values() if c.facts.var("CALL_ID") == call.call_id), None)))
+        assert chan is not None
+        channel = {"id": chan.id, "name": chan.facts.name, "channelvars": chan.facts.variables}
+        ari_agent._on_event({"type": "ChannelDtmfReceived", "digit": "9", "timestamp": stamp, "channel": channel})
+        await observer.wait(call, timeout=10)
+        assert call.hung_up, stamp
+        [row] = await eventually(lambda number=number: history(pg_store, number))
+        assert row["outcome"] == "blacklisted" and row["pressed_at"] is not None

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from agent.agi import AgiServer
 from agent.ami import AmiAgent
 from agent.constants import Origin
+from agent.guard import DialGuard
+from agent.intake import Intake
 from agent.journal import Journal
 from agent.optout import OptOutRecord, utcnow
 from agent.pipeline import OptOutPipeline
@@ -104,12 +106,13 @@ async def main() -> None:
             pipeline = OptOutPipeline(journal=journal, store=store, cache=None)
             checker = BlacklistChecker(store=store, cache=None, region="US")
             blocked = [f"+1202557{i:04d}" for i in range(50)]
-            await store.record([OptOutRecord(event_id=f"bench-{uuid.uuid4().hex}", phone_number=n, origin=Origin.ADMIN,
+            await store.write([OptOutRecord(event_id=f"bench-{uuid.uuid4().hex}", phone_number=n, origin=Origin.ADMIN,
                                              received_at=utcnow()) for n in blocked])
             clear = [f"+1202558{i:04d}" for i in range(50)]
             async with CallObserver(ari_url=env.url, username=env.username, password=env.password) as calls:
-                async with AgiServer(host="127.0.0.1", port=port, digit="9", region="US", pipeline=pipeline,
-                                     checker=checker):
+                intake = Intake(pipeline=pipeline, digit="9", region="US")
+                guard = DialGuard(checker=checker, store=store)
+                async with AgiServer(host="127.0.0.1", port=port, intake=intake, guard=guard):
                     print(f"press -> hangup, {args.calls} {args.via} calls, {args.inflight} in flight")
                     report("AGI", await press_to_hangup(calls, "agi", n=args.calls, inflight=args.inflight,
                                                          via=args.via), args.calls)
@@ -121,14 +124,13 @@ async def main() -> None:
                 async with AmiAgent(host=os.environ.get("AMI_HOST", "127.0.0.1"),
                                     port=int(os.environ.get("AMI_PORT", "5038")),
                                     username=os.environ.get("AMI_USERNAME", "optout"), secret=os.environ["AMI_SECRET"],
-                                    contexts=frozenset({"optout-plain-ivr"}), digit="9", region="US",
-                                    pipeline=pipeline) as ami:
+                                    contexts=frozenset({"optout-plain-ivr"}), intake=intake) as ami:
                     task = asyncio.create_task(ami.run())
                     while not ami.connected:  # noqa: ASYNC110
                         await asyncio.sleep(0.02)
                     report("AMI", await press_to_hangup(calls, "plain", n=args.calls, inflight=args.inflight,
                                                          via=args.via), args.calls)
-                    await ami.drain(5.0)
+                    await intake.drain(5.0)
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
 

@@ -27,6 +27,14 @@ PG = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/o
 REDIS = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/15")
 
 
+async def flush(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+
+
 async def main(total: int = 10_000, concurrency: int = 50) -> None:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG, autocommit=True) as conn:
@@ -37,7 +45,7 @@ async def main(total: int = 10_000, concurrency: int = 50) -> None:
             async with Journal(Path(tmp) / "j.db") as journal, PostgresStore(dsn, pool_size=10) as store, \
                     RedisCache(REDIS) as cache:
                 await store.migrate()
-                await cache.client.flushdb()
+                await flush(REDIS)
                 pipe = OptOutPipeline(journal=journal, store=store, cache=cache)
                 records = [
                     OptOutRecord(event_id=f"bench-{i}-{uuid.uuid4().hex[:6]}", phone_number=f"+9725{i:08d}",
@@ -66,7 +74,7 @@ async def main(total: int = 10_000, concurrency: int = 50) -> None:
                       f"{elapsed:.2f}s = {total / elapsed:,.0f}/s; stored {stored}; agent CPU {cpu / total * 1e6:.0f} "
                       f"us per opt-out")
                 print(summary("submit latency", latencies))
-                await cache.client.flushdb()
+                await flush(REDIS)
     finally:
         with psycopg.connect(PG, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -1,5 +1,5 @@
 """Fixtures for the SNS side: signing identities and the certificate host (test_verify), moto in server
-mode with a topic and queues, the bridge's HTTP endpoint, the worker's terminate endpoint, and counters
+mode with a topic and queues, the bridge's HTTP endpoint, the worker's hangup endpoint, and counters
 of what the pipeline wrote.
 """
 
@@ -31,8 +31,8 @@ from signing import NOW, TOPIC_ARN, CertServer, SigningIdentity, ToLocalServer, 
 from agent.journal import Journal
 from agent.pipeline import OptOutPipeline
 from sns_bridge.handler import BridgeHandler, MessageIdDedupe
+from sns_bridge.hangup import WorkerHangup
 from sns_bridge.http import BridgeHttp, certificate_client
-from sns_bridge.terminate import WorkerTerminator
 from sns_bridge.verify import HttpCertificateSource, SnsVerifier
 
 
@@ -215,11 +215,11 @@ def written(pg_dsn: str, redis_sync: redis.Redis, tmp_path: Path) -> Any:
     return count
 
 
-# --- the worker's terminate endpoint (a seam we own) -------------------------------------------
+# --- the worker's hangup endpoint (a seam we own) -------------------------------------------
 
 
 class WorkerServer:
-    """Stands in for the agent's `POST /calls/{callId}/terminate`; records (path, Authorization)."""
+    """Stands in for the agent's `POST /calls/{callId}/hangup`; records (path, Authorization)."""
 
     def __init__(self) -> None:
         self.status = 200
@@ -230,7 +230,7 @@ class WorkerServer:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post("/calls/{call_id}/terminate", self._terminate)
+        app.router.add_post("/calls/{call_id}/hangup", self._hangup)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -241,13 +241,13 @@ class WorkerServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _terminate(self, request: web.Request) -> web.Response:
+    async def _hangup(self, request: web.Request) -> web.Response:
         self.requests.append((request.raw_path, request.headers.get("Authorization")))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.status != 200:
             return web.json_response({"error": "nope"}, status=self.status)
-        return web.json_response({"terminated": True, "callId": request.match_info["call_id"]})
+        return web.json_response({"hungUp": True, "callId": request.match_info["call_id"]})
 
 
 @pytest_asyncio.fixture
@@ -259,15 +259,14 @@ async def worker() -> AsyncIterator[WorkerServer]:
 
 
 @pytest_asyncio.fixture
-async def terminator(worker: WorkerServer) -> AsyncIterator[WorkerTerminator]:
+async def worker_hangup(worker: WorkerServer) -> AsyncIterator[WorkerHangup]:
     async with httpx.AsyncClient() as client:
-        yield WorkerTerminator(base_url=worker.url, token="worker-secret", client=client)
+        yield WorkerHangup(base_url=worker.url, token="worker-secret", client=client)
 
 
 @pytest.fixture
-def bridge_handler(pipeline: OptOutPipeline, cache: Any, terminator: WorkerTerminator) -> BridgeHandler:
-    return BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client),
-                         terminator=terminator)
+def bridge_handler(pipeline: OptOutPipeline, cache: Any, worker_hangup: WorkerHangup) -> BridgeHandler:
+    return BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache), worker=worker_hangup)
 
 
 # --- the HTTP endpoint -------------------------------------------------------------------------

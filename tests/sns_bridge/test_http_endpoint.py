@@ -50,7 +50,7 @@ async def test_valid_notification_is_blacklisted_and_answers_200(
     response = await endpoint.post(signed_optout(identity))
 
     assert response.status_code == 200, response.text
-    assert response.json()["status"] == "recorded"
+    assert response.json()["status"] == "stored"
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     assert await pg_store.blacklisted([E164]) == {E164}
     [row] = await pg_store.history(E164)
@@ -71,33 +71,39 @@ async def test_duplicate_notification_answers_200_and_writes_one_audit_row(
     assert written().actions == 1
 
 
-async def test_agents_own_event_is_skipped(
+async def test_agents_own_event_is_skipped_by_its_signed_body(
     endpoint: Endpoint, identity: SigningIdentity, written: Callable[[], Any],
 ) -> None:
-    by_attribute = signed_optout(identity, MessageAttributes={"origin": {"Type": "String", "Value": "optout-agent"}})
     by_body = signed_optout(identity, MessageId="7a1c0c6e-0000-4000-8000-000000000002",
                             Message=event_json(eventId="call-abc", origin="ari"))
-
-    for body in (by_attribute, by_body):
-        response = await endpoint.post(body)
-        assert response.status_code == 200
-        assert response.json()["result"] == "skipped"
+    response = await endpoint.post(by_body)
+    assert response.status_code == 200
+    assert response.json()["result"] == "skipped"
     assert written().actions == 0
     assert written().redis_keys == 0
 
 
-async def test_notification_terminates_the_call_through_the_worker(
+async def test_an_origin_attribute_alone_skips_nothing_attributes_are_not_signed(
+    endpoint: Endpoint, identity: SigningIdentity, pg_store: PostgresStore,
+) -> None:
+    forged = signed_optout(identity, MessageAttributes={"origin": {"Type": "String", "Value": "optout-agent"}})
+    response = await endpoint.post(forged)
+    assert response.status_code == 200 and response.json()["result"] == "applied"
+    assert await pg_store.blacklisted([E164]) == {E164}
+
+
+async def test_notification_hangs_up_the_call_through_the_worker(
     endpoint: Endpoint, identity: SigningIdentity, worker: WorkerServer, pg_store: PostgresStore,
 ) -> None:
     response = await endpoint.post(signed_optout(identity))
 
     assert response.status_code == 200
-    assert worker.requests == [("/calls/call-123/terminate", "Bearer worker-secret")]
+    assert worker.requests == [("/calls/call-123/hangup", "Bearer worker-secret")]
     [row] = await pg_store.history(E164)
-    assert row["hangup_result"] == "terminated"
+    assert row["hangup_result"] == "ok"
 
 
-async def test_failed_termination_does_not_fail_the_optout(
+async def test_failed_hangup_does_not_fail_the_optout(
     endpoint: Endpoint, identity: SigningIdentity, worker: WorkerServer, redis_sync: redis.Redis,
     pg_store: PostgresStore,
 ) -> None:
@@ -106,7 +112,7 @@ async def test_failed_termination_does_not_fail_the_optout(
     response = await endpoint.post(signed_optout(identity))
 
     assert response.status_code == 200
-    assert response.json()["status"] == "recorded"
+    assert response.json()["status"] == "stored"
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     [row] = await pg_store.history(E164)
     assert row["hangup_result"] == "error: HTTP 500"
@@ -118,7 +124,7 @@ async def endpoint_store_down(
 ) -> AsyncIterator[Endpoint]:
     async with PostgresStore("postgresql://postgres@127.0.0.1:1/x", timeout=0.5) as dead:
         pipeline = OptOutPipeline(journal=journal, store=dead, cache=cache)
-        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client))
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache))
         async for ep in open_endpoint(handler, transport, journal):
             yield ep
 
@@ -134,17 +140,31 @@ async def test_store_down_still_answers_200_as_journaled(
     assert kept.phone_number == E164
 
 
-async def test_journal_failure_answers_5xx_so_sns_retries(
-    endpoint: Endpoint, identity: SigningIdentity, written: Callable[[], Any],
+async def test_journal_failure_is_covered_by_the_store(
+    endpoint: Endpoint, identity: SigningIdentity, pg_store: PostgresStore,
 ) -> None:
     await endpoint.journal.close()
-
     response = await endpoint.post(signed_optout(identity))
+    assert response.status_code == 200 and response.json()["status"] == "stored"
+    assert await pg_store.blacklisted([E164]) == {E164}
 
+
+async def test_neither_journal_nor_store_answers_5xx_so_sns_retries(
+    identity: SigningIdentity, transport: Any, tmp_path: Any, written: Callable[[], Any], pg_store: PostgresStore,
+) -> None:
+    from agent.journal import Journal
+    from agent.pipeline import OptOutPipeline
+    from agent.store_postgres import PostgresStore as Pg
+    from sns_bridge.handler import BridgeHandler, MessageIdDedupe
+
+    journal = Journal(tmp_path / "broken.db")
+    async with Pg("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
+        pipeline = OptOutPipeline(journal=journal, store=dead, cache=None)  # the journal was never opened
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=None))
+        async for ep in open_endpoint(handler, transport, journal):
+            response = await ep.post(signed_optout(identity))
     assert response.status_code == 503
     assert written().actions == 0
-    # Not remembered as seen: SNS's retry must be applied once the journal works again.
-    assert written().redis_keys == 0
 
 
 # --- subscriptions -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The Lambda handler with the event shape Lambda sends for an SNS trigger, and the worker termination call."""
+"""The Lambda handler with the event shape Lambda sends for an SNS trigger, and the worker hangup call."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from conftest import EVENT, WorkerServer, event_json
 from agent.constants import BLACKLIST_SET
 from agent.store_postgres import PostgresStore
 from sns_bridge.errors import NotStored
+from sns_bridge.hangup import WorkerHangup
 from sns_bridge.lambda_handler import handler
-from sns_bridge.terminate import WorkerTerminator
 
 E164 = EVENT["phoneNumber"]
 
@@ -92,28 +92,28 @@ async def test_lambda_raises_when_the_store_is_down_so_lambda_retries(
         await asyncio.to_thread(handler, lambda_event(event_json()), None)
 
 
-# --- terminating through the worker ------------------------------------------------------------
+# --- hanging up through the worker ------------------------------------------------------------
 
 
-async def test_terminate_posts_to_the_worker_with_the_bearer_token(worker: WorkerServer) -> None:
+async def test_hangup_posts_to_the_worker_with_the_bearer_token(worker: WorkerServer) -> None:
     async with httpx.AsyncClient() as client:
-        info = await WorkerTerminator(base_url=worker.url + "/", token="s3cret", client=client).terminate("call/1")
+        info = await WorkerHangup(base_url=worker.url + "/", token="s3cret", client=client).hang_up("call/1")
 
-    assert info.result == "terminated" and info.method == "worker-api"
-    assert worker.requests == [("/calls/call%2F1/terminate", "Bearer s3cret")]
+    assert info.result == "ok" and info.method == "worker-api"
+    assert worker.requests == [("/calls/call%2F1/hangup", "Bearer s3cret")]
 
 
-async def test_terminate_reports_unknown_call(worker: WorkerServer) -> None:
+async def test_hangup_reports_unknown_call(worker: WorkerServer) -> None:
     worker.status = 404
     async with httpx.AsyncClient() as client:
-        info = await WorkerTerminator(base_url=worker.url, token=None, client=client).terminate("call-1")
+        info = await WorkerHangup(base_url=worker.url, token=None, client=client).hang_up("call-1")
 
     assert info.result == "not-found"
-    assert worker.requests == [("/calls/call-1/terminate", None)]
+    assert worker.requests == [("/calls/call-1/hangup", None)]
 
 
 async def test_unreachable_worker_is_reported_not_raised() -> None:
     async with httpx.AsyncClient() as client:
-        info = await WorkerTerminator(base_url="http://127.0.0.1:1", token="t", client=client).terminate("call-1")
+        info = await WorkerHangup(base_url="http://127.0.0.1:1", token="t", client=client).hang_up("call-1")
 
     assert info.result is not None and info.result.startswith("error:")

@@ -23,6 +23,7 @@ from signing import (
 )
 
 from sns_bridge.errors import (
+    CertificateRefused,
     CertificateUnavailable,
     HeaderMismatch,
     MessageNotFresh,
@@ -403,17 +404,17 @@ async def test_redirecting_cert_server_fails_and_redirect_is_not_followed(
     verifier: SnsVerifier, identity: SigningIdentity, cert_server: CertServer
 ) -> None:
     cert_server.behaviour = "redirect"
-    with pytest.raises(CertificateUnavailable, match=r"302 redirecting to .*def456\.pem'; redirects are refused"):
+    with pytest.raises(CertificateRefused, match=r"302 redirecting to .*def456\.pem'; redirects are refused"):
         await verifier.verify(sign(notification(), identity))
     assert cert_server.paths == [CERT_PATH]
     assert REDIRECT_TARGET_PATH not in cert_server.paths
 
 
-async def test_cert_server_error_fails(
+async def test_cert_server_4xx_is_refused_for_good(
     verifier: SnsVerifier, identity: SigningIdentity, cert_server: CertServer
 ) -> None:
     cert_server.behaviour = "not-found"
-    with pytest.raises(CertificateUnavailable, match="HTTP 404"):
+    with pytest.raises(CertificateRefused, match="HTTP 404"):
         await verifier.verify(sign(notification(), identity))
 
 

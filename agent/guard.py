@@ -1,0 +1,97 @@
+"""The dial guard: the pre-dial check with a record of every call it stops.
+
+Both guarded ways to place a call use it: the FastAGI `precheck` route (a dialplan `Gosub` before `Dial()`)
+and the agent's `POST /calls` (which originates only once the number is cleared). A stopped call is
+counted (`optout_prevented_calls_total`) and written to the audit trail as its own action (outcome
+`prevented`), so the operator can show that no call followed an opt-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from agent import metrics
+from agent.constants import Origin, Outcome
+from agent.errors import InvalidPhoneNumber, OptOutError
+from agent.optout import ID_MAX, clean_text
+from agent.phone import mask
+from agent.precheck import BlacklistChecker
+from agent.store import Store, admin_row
+
+log = logging.getLogger("agent.guard")
+
+
+class Verdict(Enum):
+    CLEAR = "clear"
+    BLACKLISTED = "blacklisted"
+    INVALID = "invalid"
+    UNKNOWN = "unknown"
+    """Nobody could answer: fail closed."""
+
+
+@dataclass(frozen=True)
+class GuardAnswer:
+    verdict: Verdict
+    number: str | None = None
+    """E.164, when the number could be read."""
+    problem: str | None = None
+
+
+class DialGuard:
+    """`check()` a number before dialling it; blacklisted ones are recorded as prevented calls."""
+
+    def __init__(self, *, checker: BlacklistChecker, store: Store, timeout: float = 2.0) -> None:
+        self._checker = checker
+        self._store = store
+        self._timeout = timeout
+        self._writes: set[asyncio.Task[None]] = set()
+
+    async def check(self, raw: str | None, *, via: Origin, field: str = "number", call_id: str | None = None,
+                    campaign_id: str | None = None, contact_id: str | None = None) -> GuardAnswer:
+        """Never raises: a bad number is INVALID (with the problem), a failed lookup UNKNOWN."""
+        if not raw or not raw.strip():
+            return GuardAnswer(Verdict.INVALID, problem=f"field {field}: is missing")
+        try:
+            [number] = self._checker.normalise([raw])
+        except InvalidPhoneNumber as exc:
+            return GuardAnswer(Verdict.INVALID, problem=f"field {field}: {exc.problem}")
+        try:
+            [answer] = await asyncio.wait_for(self._checker.check([number]), self._timeout)
+        except (OptOutError, TimeoutError) as exc:
+            log.error("pre-dial check of %s could not be answered: %s", mask(number), exc or "timeout")
+            answer = None
+        if answer is None:
+            return GuardAnswer(Verdict.UNKNOWN, number, "the blacklist cannot be read now")
+        if not answer:
+            return GuardAnswer(Verdict.CLEAR, number)
+        metrics.PREVENTED.labels(via.value).inc()
+        log.info("call to %s prevented: the number is blacklisted", mask(number), extra={"via": via.value})
+        self._record(number, via=via, ids=(call_id, campaign_id, contact_id))
+        return GuardAnswer(Verdict.BLACKLISTED, number)
+
+    def _record(self, number: str, *, via: Origin, ids: tuple[str | None, ...]) -> None:
+        now = datetime.now(UTC)
+        call_id, campaign_id, contact_id = (clean_text(i, ID_MAX) if i else None for i in ids)
+        extra: dict[str, Any] = {"call_id": call_id, "campaign_id": campaign_id, "contact_id": contact_id}
+        row = admin_row(event_id=f"prevented-{uuid.uuid4()}", phone_number=number, outcome=Outcome.PREVENTED,
+                        at=now, recorded_at=now, actor=None, reason="call to a blacklisted number prevented",
+                        origin=via.value, **extra)
+        task = asyncio.get_running_loop().create_task(self._write(row), name="prevented-call-record")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, row: dict[str, Any]) -> None:
+        try:
+            await self._store.append_action(row)
+        except OptOutError as exc:
+            log.error("could not record a prevented call in the audit trail: %s", exc)
+
+    async def drain(self, within: float) -> None:
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=within)
