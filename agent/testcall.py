@@ -60,7 +60,9 @@ class CallResult:
 class CallObserver(Resource):
     """Places test calls and watches them (async context manager)."""
 
-    def __init__(self, *, ari_url: str, username: str, password: str, digit: str = "9") -> None:
+    def __init__(self, *, ari_url: str, username: str, password: str, digit: str = "9",
+                 connect_timeout: float = 10.0) -> None:
+        self._connect_timeout = connect_timeout
         self._base = ari_url.rstrip("/")
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}"}
@@ -76,12 +78,13 @@ class CallObserver(Resource):
         self._session = aiohttp.ClientSession(headers=self._headers)
         ws_url = self._base.replace("http", "ws", 1) + "/ari/events"
         try:
-            self._ws = await self._session.ws_connect(
+            self._ws = await asyncio.wait_for(self._session.ws_connect(
                 ws_url, params={"app": self._app, "subscribeAll": "true"}, heartbeat=20
-            )
-        except aiohttp.ClientError as exc:
+            ), self._connect_timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             await self._session.close()
-            raise TelephonyError(f"ARI at {self._base} did not accept the observer's websocket: {exc}") from exc
+            raise TelephonyError(f"ARI at {self._base} did not accept the observer's websocket: "
+                                 f"{exc or 'no answer within ' + str(self._connect_timeout) + ' s'}") from exc
         self._reader = asyncio.create_task(self._read(), name="testcall-observer")
 
     async def close(self) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start PostgreSQL and Redis where they are not running (installing them from Debian's packages where
-# they are missing), and create the test database. Idempotent; used by `make test` and `make run`.
+# they are missing), create the test database, and install SIPp. Idempotent; used by `make test`.
 set -euo pipefail
 
 PGHOST=${PGHOST:-127.0.0.1}
@@ -48,4 +48,9 @@ if ! redis_up; then
   for _ in $(seq 1 50); do redis_up && break; sleep 0.1; done
   redis_up || { echo "services: Redis did not start" >&2; exit 1; }
 fi
-echo "services: PostgreSQL and Redis are up" >&2
+# A real SIP user agent for the tests that play the called party (Debian's package is sip-tester).
+if ! have sipp || [ ! -f /usr/share/sip-tester/dtmf_2833_9.pcap ]; then
+  echo "services: installing SIPp (sip-tester)" >&2
+  apt_install sip-tester
+fi
+echo "services: PostgreSQL, Redis and SIPp are ready" >&2
