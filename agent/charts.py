@@ -73,7 +73,7 @@ def _y_axis(body: list[str], *, top: float, left: float, plot_w: float, plot_h: 
 def stacked_bars(labels: Sequence[str], series: Sequence[Series], *, title: str, width: int = 960,
                  height: int = 280) -> str:
     """Bars per label (e.g. per day), each stacked from `series` (one value per label)."""
-    left, right, top, bottom = 48, 12, 14, 46
+    left, right, top, bottom = 48, 24, 14, 46
     plot_w, plot_h = width - left - right, height - top - bottom
     body: list[str] = []
     n = max(len(labels), 1)
@@ -118,7 +118,7 @@ def histogram(edges: Sequence[float], counts: Sequence[int], *, title: str, unit
               overflow: int = 0, width: int = 960, height: int = 260) -> str:
     """Bars of `counts` between consecutive `edges` (len(edges) == len(counts) + 1), the last bar open-ended
     when `overflow` values lay beyond the last edge (drawn as its own bar), with vertical `markers`."""
-    left, right, top, bottom = 48, 12, 22, 40
+    left, right, top, bottom = 48, 24, 20 + 14 * len(markers), 40
     plot_w, plot_h = width - left - right, height - top - bottom
     body: list[str] = []
     bars = [*counts, overflow] if overflow else list(counts)
@@ -143,12 +143,14 @@ def histogram(edges: Sequence[float], counts: Sequence[int], *, title: str, unit
     body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="{AXIS}"/>')
     for n, m in enumerate(markers):
         x = left + _slot_position(edges, m.value, overflow=bool(overflow)) * slot
-        body.append(f'<line class="marker" x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{top + plot_h}"'
+        label_y = 16 + 14 * n
+        body.append(f'<line class="marker" x1="{x:.1f}" x2="{x:.1f}" y1="{label_y - 10}" y2="{top + plot_h}"'
                     f' stroke="{escape(m.colour)}" stroke-width="2" stroke-dasharray="5 3"/>')
         anchor = "end" if x > left + plot_w * 0.8 else "start"
-        dx = -4 if anchor == "end" else 4
-        body.append(f'<text x="{x + dx:.1f}" y="{top + 8 + 13 * n}" font-size="12" font-weight="600"'
-                    f' text-anchor="{anchor}" fill="{escape(m.colour)}">{escape(m.label)}</text>')
+        dx = -5 if anchor == "end" else 5
+        body.append(f'<text x="{x + dx:.1f}" y="{label_y}" font-size="12" font-weight="600" text-anchor="{anchor}"'
+                    f' fill="{escape(m.colour)}" stroke="#fff" stroke-width="3" paint-order="stroke">'
+                    f'{escape(m.label)}</text>')
     return _frame(width, height, title, body)
 
 

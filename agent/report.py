@@ -257,11 +257,13 @@ def when(value: datetime | None) -> str:
 
 
 def fmt_ms(value: float | None) -> str:
-    """A latency for people: `87.5 ms`, `240 ms`, `12.3 s`, or `-` without one."""
+    """A latency for people: `87.5 ms`, `240 ms`, `1.25 s`, `12.3 s`, or `-` without one."""
     if value is None:
         return "-"
     if abs(value) >= 10_000:
         return f"{value / 1000:.1f} s"
+    if abs(value) >= 1000:
+        return f"{value / 1000:.2f} s"
     return f"{value:.1f} ms" if abs(value) < 100 else f"{value:.0f} ms"
 
 
@@ -412,8 +414,7 @@ def render_html(data: ReportData, chain: ChainReport, *, generated_at: datetime,
                             a.event_id]),
         _chain_section(chain),
         "<h2>Prevented calls</h2>",
-        f"<p class=\"stats\">{data.prevented_total} calls to blacklisted numbers were stopped before they were "
-        "placed.</p>",
+        f"<p class=\"stats\">Calls to blacklisted numbers stopped before they were placed: {data.prevented_total}.</p>",
         charts.stacked_bars(labels, [charts.Series("prevented", "#dc2626",
                                                    [data.prevented_by_day.get(d, 0) for d in days])],
                             title="Prevented calls per day", height=200) if data.prevented_total else "",
