@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import re
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -228,3 +230,12 @@ async def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert image.colour_pixels(blue) > 5_000, "no ari bars / histogram bars drawn"
     assert image.colour_pixels(green) > 300, "no agi bar drawn"
     assert image.colour_pixels(red) > 2_000, "no prevented-calls bar drawn"
+
+
+def test_report_module_loads_no_telephony() -> None:
+    code = ("import sys, agent.report; "
+            "print(','.join(m for m in ('aioari', 'panoramisk', 'agent.ari', 'agent.agi', 'agent.ami') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == ""
