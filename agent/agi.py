@@ -268,7 +268,7 @@ class AgiServer(Resource):
             if sep and name in CHANNEL_VARS and value:
                 variables[name] = value
         for name in CHANNEL_VARS:
-            if name not in variables and not request.hung_up:
+            if name not in variables:  # GET VARIABLE works on a channel that has hung up, too
                 found = await get_variable(request, name, timeout=self._command_timeout)
                 if found:
                     variables[name] = found
@@ -278,7 +278,7 @@ class AgiServer(Resource):
             context=headers.get("agi_context"),
         )
         self._intake.arrived(facts, Origin.AGI)
-        if "OPTOUT_NUMBER" not in variables and not request.hung_up:
+        if "OPTOUT_NUMBER" not in variables:
             request_uri = await get_variable(request, REQUEST_URI, timeout=self._command_timeout)
             remote_uri = await get_variable(request, REMOTE_URI, timeout=self._command_timeout)
             facts = dataclasses.replace(facts, dialled=dialled_number(request_uri, remote_uri))

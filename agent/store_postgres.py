@@ -8,9 +8,10 @@ sees row N committed sees every row before it).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,32 @@ _MIGRATION_LOCK = 0x0F7_0A7  # pg_advisory_xact_lock key: one migrator at a time
 _ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
 _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                   f"VALUES ({', '.join(f'%({c})s' for c in _ROW_COLUMNS)})")
+
+
+def _array(column: str) -> str:
+    kind = "timestamptz" if column in audit.TIMESTAMP_COLUMNS else "text"
+    return f"%(a_{column})s::{kind}[]"
+
+
+_INSERT_ALL = f"""
+WITH bl AS (
+    INSERT INTO blacklist (phone_number, added_at, reason, source, metadata)
+    SELECT p, a, r, s, m::jsonb FROM unnest(%(b_phone)s::text[], %(b_added)s::timestamptz[], %(b_reason)s::text[],
+                                           %(b_source)s::text[], %(b_meta)s::text[]) AS t(p, a, r, s, m)
+    ON CONFLICT (phone_number) DO NOTHING
+), act AS (
+    INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)})
+    SELECT {', '.join(f"{c}::jsonb" if c in audit.JSON_COLUMNS else c for c in _ROW_COLUMNS)}
+    FROM unnest({', '.join(_array(c) for c in _ROW_COLUMNS)}) WITH ORDINALITY AS t({', '.join(_ROW_COLUMNS)}, n)
+    ORDER BY n
+), cc AS (
+    INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at)
+    SELECT * FROM unnest(%(c_id)s::text[], %(c_count)s::bigint[], %(c_last)s::timestamptz[])
+    ON CONFLICT (campaign_id) DO UPDATE SET optouts = campaign_optouts.optouts + EXCLUDED.optouts,
+        last_optout_at = GREATEST(campaign_optouts.last_optout_at, EXCLUDED.last_optout_at)
+)
+SELECT 1
+"""
 _CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
 # Connectivity, timeouts and server trouble: the batch can be retried as it is.
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.LockNotAvailable,
@@ -68,7 +95,7 @@ class PostgresStore(Store):
     dialect = "postgres"
 
     def __init__(
-        self, conninfo: str, *, pool_size: int = 8, timeout: float = 3.0, operation_timeout: float = 10.0
+        self, conninfo: str, *, pool_size: int = 8, timeout: float = 3.0, operation_timeout: float = 20.0
     ) -> None:
         self._pool = AsyncConnectionPool(
             conninfo,
@@ -101,12 +128,20 @@ class PostgresStore(Store):
             await self._pool.close(timeout=5.0)
 
     @asynccontextmanager
-    async def _tx(self, *, streaming: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _tx(self, *, streaming: bool = False,
+                  pipelined: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """One transaction, with library errors mapped to ours; bounded by the operation timeout unless
-        `streaming` (exports, cache rebuilds), where each statement is still bounded by statement_timeout."""
+        `streaming` (exports, cache rebuilds), where each statement is still bounded by statement_timeout.
+
+        `pipelined`: statements go out without waiting for each answer (libpq pipeline mode), so a write is
+        two round trips (BEGIN + lock + reads, then the inserts + COMMIT) whatever its size: what keeps it
+        well inside the timeouts when every round trip to a far or slow PostgreSQL takes seconds."""
         try:
             async with asyncio.timeout(None if streaming else self._operation_timeout), \
-                    self._pool.connection() as conn, conn.transaction():
+                    self._pool.connection() as conn, AsyncExitStack() as stack:
+                if pipelined:
+                    await stack.enter_async_context(conn.pipeline())
+                await stack.enter_async_context(conn.transaction())
                 yield conn
         except TimeoutError as exc:
             raise StoreUnavailable(f"{self.location}: no answer within {self._operation_timeout:.0f} s") from exc
@@ -179,26 +214,24 @@ class PostgresStore(Store):
         return seen, listed, head
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], plan: WritePlan) -> None:
-        async with conn.cursor() as cur:
-            if plan.blacklist:
-                await cur.executemany(
-                    "INSERT INTO blacklist (phone_number, added_at, reason, source, metadata)"
-                    " VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (phone_number) DO NOTHING",
-                    [(r.phone_number, r.received_at, r.reason, r.source.value, metadata_json(r))
-                     for r in plan.blacklist],
-                )
-            if plan.actions:
-                await cur.executemany(_INSERT_ACTION, [_action_params(row) for row in plan.actions])
-            if plan.campaigns:
-                await cur.executemany(
-                    "INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at) VALUES (%s, %s, %s)"
-                    " ON CONFLICT (campaign_id) DO UPDATE SET optouts = campaign_optouts.optouts + EXCLUDED.optouts,"
-                    " last_optout_at = GREATEST(campaign_optouts.last_optout_at, EXCLUDED.last_optout_at)",
-                    [(c, n, last) for c, (n, last) in plan.campaigns.items()],
-                )
+        """Blacklist rows, audit rows and campaign counts in one statement (one message on the wire)."""
+        if not plan.actions:
+            return
+        columns: dict[str, list[Any]] = {c: [row.get(c) for row in plan.actions] for c in _ROW_COLUMNS}
+        columns["channel"] = [json.dumps(v, separators=(",", ":")) if v is not None else None
+                              for v in columns["channel"]]
+        params: dict[str, Any] = {f"a_{c}": values for c, values in columns.items()}
+        params.update(
+            b_phone=[r.phone_number for r in plan.blacklist], b_added=[r.received_at for r in plan.blacklist],
+            b_reason=[r.reason for r in plan.blacklist], b_source=[r.source.value for r in plan.blacklist],
+            b_meta=[metadata_json(r) for r in plan.blacklist],
+            c_id=list(plan.campaigns), c_count=[n for n, _ in plan.campaigns.values()],
+            c_last=[last for _, last in plan.campaigns.values()],
+        )
+        await conn.execute(_INSERT_ALL, params)
 
     async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
-        async with self._tx() as conn:
+        async with self._tx(pipelined=True) as conn:
             seen, listed, head = await self._lock_and_read(
                 conn, [r.event_id for r in records], [r.phone_number for r in records if r.phone_number])
             plan = plan_write(records, seen_ids=seen, listed=listed, head=head, now=datetime.now(UTC))
@@ -206,13 +239,13 @@ class PostgresStore(Store):
         return plan.results
 
     async def append_action(self, row: dict[str, Any]) -> None:
-        async with self._tx() as conn:
+        async with self._tx(pipelined=True) as conn:
             _, _, head = await self._lock_and_read(conn, [], [])
             audit.chain([row], head)
             await conn.execute(_INSERT_ACTION, _action_params(row))
 
     async def remove(self, removal: Removal) -> bool:
-        async with self._tx() as conn:
+        async with self._tx(pipelined=True) as conn:
             _, _, head = await self._lock_and_read(conn, [], [])
             cur = await conn.execute(
                 "DELETE FROM blacklist WHERE phone_number = %s RETURNING 1", (removal.phone_number,)

@@ -126,3 +126,47 @@ def test_check_against_a_store_without_the_schema_is_an_error_never_clear(tmp_pa
         assert out.returncode == 2 and "clear" not in out.stdout
         assert "optout migrate" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "wrong.db").exists(), "a reader never creates an empty store"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00" + bytes(range(256)) * 4, "binary"),
+    ("phone\n0501234567\n".encode("utf-16"), "UTF-16"),
+])
+def test_import_of_a_file_that_is_not_text_exits_2_with_the_line(env: dict[str, str], tmp_path: Path,
+                                                                 content: bytes, problem: str) -> None:
+    assert optout(env, "migrate").returncode == 0
+    path = tmp_path / "numbers.csv"
+    path.write_bytes(content)
+    out = optout(env, "import", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "line 1" in out.stderr and problem in out.stderr and "0 numbers were committed" in out.stderr
+
+
+def test_import_reports_a_bad_line_and_reads_on(env: dict[str, str], tmp_path: Path, redis_sync: redis.Redis) -> None:
+    assert optout(env, "migrate").returncode == 0
+    path = tmp_path / "numbers.csv"
+    path.write_bytes(b"name,phone\nann,0501234567\nbob,\"0521234567\ncy," + b"9" * 5000 + b"\n"
+                     b"dee,05\xff31234567\neve,0541234567\n")
+    out = optout(env, "import", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{path}:3: field line: is not a CSV row" in out.stderr
+    assert f"{path}:4: field phone: is 5000 characters long" in out.stderr
+    assert f"{path}:5: field line: is not UTF-8 text" in out.stderr
+    assert "added 2" in out.stdout, "rows after the bad ones are still read"
+    assert redis_sync.smismember(BLACKLIST_SET, ["+972501234567", "+972541234567"]) == [1, 1]
+
+
+def test_history_shows_the_whole_timeline_and_audit_verify_walks_the_chain(env: dict[str, str]) -> None:
+    assert optout(env, "migrate").returncode == 0
+    optout(env, "add", "0501234567")
+    head = optout(env, "audit", "head")
+    assert head.returncode == 0 and len(head.stdout.split()[0]) == 64
+    verify = optout(env, "audit", "verify", "--head", head.stdout.split()[0])
+    assert verify.returncode == 0 and verify.stdout.startswith("chain intact: 1 rows, head ")
+    assert optout(env, "audit", "verify", "--head", "0" * 64).returncode == 1
+
+
+def test_parked_lists_nothing_on_a_clean_journal(env: dict[str, str]) -> None:
+    assert optout(env, "migrate").returncode == 0
+    out = optout(env, "parked")
+    assert out.returncode == 0 and "nothing parked" in out.stderr

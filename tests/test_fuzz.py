@@ -100,3 +100,76 @@ def test_well_formed_fastagi_headers_round_trip(headers: dict[str, str]) -> None
         return await read_headers(reader)
 
     assert asyncio.run(parse()) == headers
+
+
+# --- the log masker: no full number survives, whatever stands around it -------------------------------------
+_NUMBERS = st.builds(
+    lambda cc, rest, sep, plus: ("+" if plus else "") + cc + sep + sep.join(
+        rest[i:i + 3] for i in range(0, len(rest), 3)),
+    st.sampled_from(["1", "44", "972", "49", "33"]),
+    st.text(alphabet="0123456789", min_size=7, max_size=11),
+    st.sampled_from(["", " ", "-", ".", "/"]),
+    st.booleans(),
+)
+_BEFORE = st.sampled_from(["", " ", "sip:", "tel:", "<sip:", "\"", "=", "/", "(", ",", "PJSIP/", "number "])
+_AFTER = st.sampled_from(["", ".", ":", "@127.0.0.1", ">", "\"", ";tag=x", ",", ")", " done", ". next", ":5060"])
+
+
+@settings(max_examples=500)
+@given(_NUMBERS, _BEFORE, _AFTER, st.text(alphabet="xyz !?", max_size=10))
+def test_masking_leaves_no_full_number_in_any_shape(number: str, before: str, after: str, noise: str) -> None:
+    from agent.logs import mask_numbers
+
+    masked = mask_numbers(f"{noise}{before}{number}{after}{noise}")
+    digits = "".join(ch for ch in number if ch.isdigit())
+    assert digits not in "".join(ch for ch in masked if ch.isdigit()), masked
+    assert digits[-4:] in masked.replace(" ", "").replace("-", "").replace(".", "").replace("/", "")
+
+
+# --- import rows and ARI events ----------------------------------------------------------------------------
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=60).filter(lambda b: b"\n" not in b and b"\x00" not in b), max_size=20))
+def test_any_import_lines_give_a_number_or_a_named_problem_per_line(lines: list[bytes]) -> None:
+    import io
+
+    from agent.admin import file_lines, read_numbers
+    from agent.errors import InvalidInput
+
+    data = b"phone\n" + b"\n".join(lines) + b"\n"
+    seen = []
+    for lineno, value in read_numbers(file_lines(io.BytesIO(data))):
+        seen.append(lineno)
+        assert isinstance(value, str) or (isinstance(value, InvalidInput) and value.field)
+    assert seen == sorted(seen) and all(n >= 2 for n in seen)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(json_values)
+def test_any_ari_event_is_handled_or_skipped_and_never_half_taken(event: Any) -> None:
+    import asyncio
+
+    from agent.ari import AriAgent
+
+    class NoIntake:
+        digit = "9"
+        presses = 0
+
+        def seen(self, uniqueid: str) -> bool:
+            return False
+
+        def arrived(self, *a: Any) -> None: ...
+
+        def hangup_seen(self, *a: Any) -> None: ...
+
+        def press(self, *a: Any, **k: Any) -> None:
+            self.presses += 1
+
+    async def feed() -> int:
+        intake = NoIntake()
+        agent = AriAgent(url="http://127.0.0.1:1", username="u", password="p", app="a", intake=intake)  # type: ignore[arg-type]
+        for candidate in (event, {"type": "ChannelDtmfReceived", "digit": "9", "timestamp": event,
+                                  "channel": {"id": "c1", "channelvars": {"OPTOUT_NUMBER": "+972501234567"}}}):
+            agent._on_event(candidate)
+        return intake.presses
+
+    assert asyncio.run(feed()) == 1, "a press with any timestamp is taken, exactly once"

@@ -79,3 +79,25 @@ async def test_ari_websocket_sends_credentials_in_a_header_not_the_url(unused_tc
         await runner.cleanup()
     assert "s3cret" not in seen["url"] and "api_key" not in seen["url"]
     assert seen["auth"].startswith("Basic ")
+
+
+def test_a_short_api_token_is_refused_at_start(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from agent.settings import Settings
+
+    monkeypatch.setenv("AGENT_API_TOKEN", "short")
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings()
+
+
+def test_a_national_number_invalid_in_the_default_region_is_accepted_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import agent.phone
+    from agent.phone import normalise
+
+    agent.phone._region_warned.clear()
+    caplog.set_level("WARNING", "agent.phone")
+    assert normalise("0501234567", region="US") == "+10501234567"
+    assert "check OPTOUT_DEFAULT_REGION" in caplog.text and "0501234567" not in caplog.text

@@ -229,13 +229,15 @@ async def test_other_digit_in_agi_ivr_records_nothing(
 
 
 # --- the precheck script through Asterisk --------------------------------------------------------------
-async def test_precheck_blocks_a_blacklisted_number_with_cause_21(
-    agi: AgiServer, calls: AsteriskCalls, pipeline: OptOutPipeline
+async def test_precheck_blocks_a_blacklisted_number_with_cause_21_and_records_the_prevented_call(
+    agi: AgiServer, calls: AsteriskCalls, pipeline: OptOutPipeline, pg_store: PostgresStore, guard: DialGuard
 ) -> None:
     number = random_number()
     await pipeline.submit(make_record(number))
     await calls.originate_precheck(number)
     assert await calls.precheck_cause(number) == 21
+    await guard.drain(within=2.0)
+    assert [r["outcome"] for r in await pg_store.history(number)] == ["blacklisted", "prevented"]
 
 
 async def test_precheck_lets_a_clear_number_through(agi: AgiServer, calls: AsteriskCalls) -> None:
@@ -370,3 +372,87 @@ async def test_optout_takes_ids_from_agi_arguments(agi: AgiServer, pg_store: Pos
     [row] = await wait_rows(pg_store, number)
     assert (row["call_id"], row["campaign_id"], row["contact_id"], row["origin"]) == (
         "arg-call", "arg-camp", "var-contact", "agi")
+
+
+# --- presses that must never be lost (recorded transcripts where Asterisk cannot produce the case) ----------
+async def test_a_latin1_caller_name_in_the_headers_is_read_not_refused(agi: AgiServer, pg_store: PostgresStore) -> None:
+    number = random_number()
+    request = agi_headers("optout", f"OPTOUT_NUMBER={number}", uniqueid=f"{uuid.uuid4().int % 10**9}.2")
+    request = request.replace(b"agi_context:", b"agi_calleridname: Jos\xe9\nagi_context:")
+    assert (await play_asterisk(request))[-1] == "HANGUP"
+    [row] = await wait_rows(pg_store, number)
+    assert row["origin"] == "agi"
+
+
+async def test_a_failed_get_variable_still_records_what_is_known(agi: AgiServer, pg_store: PostgresStore) -> None:
+    """Asterisk answers 511 on a dead channel, 510 to a command it does not know: the press is still stored."""
+    number = random_number()
+    reader, writer = await asyncio.open_connection(AGI_HOST, AGI_PORT)
+    writer.write(agi_headers("optout", f"OPTOUT_NUMBER={number}", uniqueid=f"{uuid.uuid4().int % 10**9}.3"))
+    got = []
+    while line := await asyncio.wait_for(reader.readline(), 3.0):
+        cmd = line.decode().strip()
+        got.append(cmd)
+        reply = b"511 Command Not Permitted on a dead channel or intercept routine\n" if cmd.startswith("GET") \
+            else b"200 result=1\n"
+        writer.write(reply)
+        await writer.drain()
+    writer.close()
+    assert got[-1] == "HANGUP" and any(c.startswith("GET VARIABLE") for c in got)
+    [row] = await wait_rows(pg_store, number)
+    assert row["call_id"] is not None and row["outcome"] == "blacklisted"
+
+
+async def test_the_callers_hangup_notice_right_after_the_press_is_not_an_error(
+    agi: AgiServer, pg_store: PostgresStore
+) -> None:
+    """FastAGI sends "HANGUP" on its own when the caller hangs up; the reply to our command follows it."""
+    number = random_number()
+    reader, writer = await asyncio.open_connection(AGI_HOST, AGI_PORT)
+    writer.write(agi_headers("optout", uniqueid=f"{uuid.uuid4().int % 10**9}.4"))
+    writer.write(b"HANGUP\n")  # the caller hung up right after pressing
+    got = []
+    while line := await asyncio.wait_for(reader.readline(), 3.0):
+        cmd = line.decode().strip()
+        got.append(cmd)
+        if cmd == "GET VARIABLE OPTOUT_NUMBER":
+            writer.write(f"200 result=1 ({number})\n".encode())
+        elif cmd.startswith("GET"):
+            writer.write(b"511 Command Not Permitted on a dead channel or intercept routine\n")
+        else:
+            writer.write(b"511 Command Not Permitted on a dead channel or intercept routine\n")
+        await writer.drain()
+    writer.close()
+    assert got[-1] == "HANGUP"
+    [row] = await wait_rows(pg_store, number)
+    assert row["hangup_result"] == "gone"
+
+
+async def test_the_caller_hanging_up_at_once_through_asterisk_loses_no_press(
+    agi: AgiServer, calls: AsteriskCalls, pg_store: PostgresStore
+) -> None:
+    number = random_number()
+    await calls.place(number, press="9", ivr="agi", hold=0)  # the caller leaves right after the 9
+    [row] = await wait_rows(pg_store, number, within=8)
+    assert row["origin"] == "agi" and row["outcome"] == "blacklisted"
+
+
+async def test_slow_peers_holding_every_slot_do_not_shut_out_a_real_call(
+    pg_store: PostgresStore, us_intake: Intake, guard: DialGuard
+) -> None:
+    async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=us_intake, guard=guard, header_timeout=30.0,
+                         max_waiting=8):
+        slow = [await asyncio.open_connection(AGI_HOST, AGI_PORT) for _ in range(20)]
+        for _, w in slow:
+            w.write(b"agi_network: yes\n")  # and never the rest
+            await w.drain()
+        await asyncio.sleep(0.2)
+        number = random_number()
+        got = await play_asterisk(agi_headers("optout", f"OPTOUT_NUMBER={number}",
+                                              uniqueid=f"{uuid.uuid4().int % 10**9}.5"))
+        assert got[-1] == "HANGUP"
+        [row] = await wait_rows(pg_store, number)
+        assert row["origin"] == "agi"
+        for _, w in slow:
+            w.close()
+        await us_intake.drain(within=5.0)

@@ -236,6 +236,12 @@ REFUSED: dict[str, tuple[Callable[[SigningIdentity], Any], int]] = {
     "body not JSON": (lambda i: b"Type=Notification&Message=hi", 400),
     "body a JSON list": (lambda i: [signed_optout(i)], 400),
     "oversized body": (lambda i: signed_optout(i, Message=event_json(contactId="x" * MAX_BODY)), 413),
+    "body nested deeper than Python parses": (lambda i: b"[" * 5000 + b"]" * 5000, 400),
+    "body with an integer over the digit limit": (lambda i: b'{"Type": ' + b"9" * 5000 + b"}", 400),
+    "body not UTF-8": (lambda i: b'{"Type": "Notification\xff\xfe"}', 400),
+    "Message nested deeper than Python parses": (lambda i: signed_optout(i, Message="[" * 5000 + "]" * 5000), 400),
+    "Message with an integer over the digit limit": (lambda i: signed_optout(i, Message='{"n": ' + "9" * 5000 + "}"),
+                                                     400),
 }
 
 
@@ -316,3 +322,25 @@ async def test_matching_headers_are_accepted(endpoint: Endpoint, identity: Signi
     assert response.status_code == 200
 
 
+
+
+async def test_an_invalid_optional_field_is_dropped_and_named_and_the_number_still_opts_out(
+    endpoint: Endpoint, identity: SigningIdentity, pg_store: PostgresStore,
+) -> None:
+    response = await endpoint.post(signed_optout(identity, Message=event_json(campaignId="camp\u0000nul")))
+    assert response.status_code == 200, response.text
+    assert response.json()["dropped"] == ["field campaignId: contains a nul character"]
+    [row] = await pg_store.history(E164)
+    assert row["campaign_id"] is None and row["outcome"] == "blacklisted"
+
+
+async def test_a_redelivered_notification_does_not_hang_up_the_call_again(
+    endpoint: Endpoint, identity: SigningIdentity, worker: WorkerServer,
+) -> None:
+    body = signed_optout(identity)
+    for message_id in ("7a1c0c6e-0000-4000-8000-0000000000a1", "7a1c0c6e-0000-4000-8000-0000000000a2"):
+        # SNS redelivers with the same MessageId; a re-publish gets a new one: neither hangs up twice.
+        response = await endpoint.post(sign({**notification(Message=body["Message"]), "MessageId": message_id},
+                                            identity))
+        assert response.status_code == 200
+    assert len(worker.requests) == 1

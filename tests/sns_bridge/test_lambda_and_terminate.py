@@ -117,3 +117,14 @@ async def test_unreachable_worker_is_reported_not_raised() -> None:
         info = await WorkerHangup(base_url="http://127.0.0.1:1", token="t", client=client).hang_up("call-1")
 
     assert info.result is not None and info.result.startswith("error:")
+
+
+async def test_lambda_refuses_a_record_without_topic_arn_when_an_allow_list_is_set(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, pg_store: PostgresStore,
+) -> None:
+    monkeypatch.setenv("BRIDGE_TOPIC_ARNS", "arn:aws:sns:us-east-1:123456789012:optout-events")
+    event = lambda_event(event_json())
+    del event["Records"][0]["Sns"]["TopicArn"]
+    summary = await asyncio.to_thread(handler, event, None)
+    assert summary["applied"] == 0 and "no TopicArn" in summary["rejected"][0]["error"]
+    assert await pg_store.blacklisted([E164]) == set()

@@ -231,3 +231,102 @@ async def test_outbox_survives_a_restart(sqs: Any, wiring: Wiring, tmp_path: Any
 
     [message] = await drain_queue(sqs, wiring.audit_url)
     assert json.loads(message["Body"])["eventId"] == record.event_id
+
+
+# --- hardening: one bad message never stalls a batch; no loops ------------------------------------------
+
+
+async def test_a_message_that_breaks_the_handler_does_not_stop_its_batch(
+    sns: Any, sqs: Any, wiring: Wiring, bridge_handler: BridgeHandler, pg_store: PostgresStore,
+) -> None:
+    for n in range(3):
+        await sns.publish(TopicArn=wiring.topic_arn, Message=event_json(phoneNumber=f"+1415555012{n}"),
+                          MessageAttributes={"origin": {"DataType": "String", "StringValue": "crm"}})
+    await sqs.send_message(QueueUrl=wiring.queue_url, MessageBody="[" * 50_000)  # nesting json cannot parse
+    apply = bridge_handler.apply
+    calls = 0
+
+    async def flaky(**kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("a bug in the handler")
+        return await apply(**kwargs)
+
+    bridge_handler.apply = flaky  # type: ignore[method-assign]
+    poller = SqsPoller(handler=bridge_handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1)
+    deleted = 0
+    for _ in range(3):
+        deleted += await poller.poll_once(wait_seconds=1)
+    assert deleted >= 2
+    assert len(await pg_store.blacklisted([f"+1415555012{n}" for n in range(3)])) >= 2
+
+
+async def test_a_poison_message_without_a_redrive_policy_is_deleted_after_a_few_receives(
+    sqs: Any, wiring: Wiring, bridge_handler: BridgeHandler,
+) -> None:
+    from sns_bridge.sqs import POISON_RECEIVES
+
+    await sqs.send_message(QueueUrl=wiring.queue_url, MessageBody=event_json(phoneNumber="12"))
+    poller = SqsPoller(handler=bridge_handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1,
+                       visibility_timeout=1)
+    deleted = 0
+    for _ in range(POISON_RECEIVES + 2):
+        deleted += await poller.poll_once(wait_seconds=2)
+        if deleted:
+            break
+        await asyncio.sleep(1.1)
+    assert deleted == 1
+    assert await drain_queue(sqs, wiring.queue_url, rounds=1) == []
+
+
+async def test_an_envelope_without_topic_arn_is_refused_when_an_allow_list_is_set(
+    sqs: Any, wiring: Wiring, bridge_handler: BridgeHandler, pg_store: PostgresStore,
+) -> None:
+    envelope = {"Type": "Notification", "MessageId": "2b1a8a1e-0000-4000-8000-000000000009",
+                "Message": event_json(), "Timestamp": "2026-11-25T12:00:00.000Z"}
+    await sqs.send_message(QueueUrl=wiring.queue_url, MessageBody=json.dumps(envelope))
+    poller = SqsPoller(handler=bridge_handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1,
+                       allowed_topic_arns=frozenset({wiring.topic_arn}))
+    assert await poller.poll_once() == 0
+    assert await pg_store.blacklisted([E164]) == set()
+
+
+async def test_a_press_without_a_number_is_published_as_its_own_event_type(
+    sqs: Any, wiring: Wiring, outbox: Journal, moto_url: str,
+) -> None:
+    record = make_record(origin=Origin.ARI).model_copy(update={"phone_number": None})
+    await outbox.append(record)
+    async with publisher_for(outbox, wiring.topic_arn, moto_url) as publisher:
+        assert await publisher.publish_pending() == 1
+    [message] = await drain_queue(sqs, wiring.audit_url)
+    assert message["MessageAttributes"]["eventType"]["StringValue"] == "optout_number_unknown"
+    body = json.loads(message["Body"])
+    assert "phoneNumber" not in body and body["callId"] == record.call_id and body["eventId"] == record.event_id
+
+
+async def test_an_entry_sns_refuses_for_good_is_set_aside_and_blocks_nothing(
+    sqs: Any, wiring: Wiring, outbox: Journal, moto_url: str,
+) -> None:
+    good = make_record("+972501234561", origin=Origin.AMI)
+    refused = make_record("+972501234562", origin=Origin.AMI).model_copy(update={"call_id": "x" * 128})
+    for record in (good, refused):
+        await outbox.append(record)
+    async with publisher_for(outbox, wiring.topic_arn, moto_url) as publisher:
+        real = publisher._client.publish_batch
+
+        async def sender_fault(**kwargs: Any) -> Any:
+            entries = kwargs["PublishBatchRequestEntries"]
+            bad = [e for e in entries if json.loads(e["Message"])["callId"] == "x" * 128]
+            ok = [e for e in entries if e not in bad]
+            response = await real(**{**kwargs, "PublishBatchRequestEntries": ok}) if ok else {"Successful": []}
+            response["Failed"] = [{"Id": e["Id"], "Code": "InvalidParameter", "SenderFault": True,
+                                   "Message": "refused"} for e in bad]
+            return response
+
+        publisher._client.publish_batch = sender_fault
+        assert await publisher.publish_pending() == 1
+        assert await publisher.publish_pending() == 0, "the refused one is not retried forever"
+    assert await outbox.unpublished() == []
+    [parked] = await outbox.parked()
+    assert parked.event_id == refused.event_id and parked.kind == "sns"
