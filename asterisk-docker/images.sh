@@ -30,6 +30,7 @@ APT_OPTIONS="-o Acquire::Check-Valid-Until=false"  # the mirror's sid Release fi
 IMG_ASTERISK=localhost/optout-asterisk:dev
 IMG_AGENT=localhost/optout-agent:dev
 IMG_LAMBDA=localhost/optout-sns-lambda:dev
+IMG_AGENT_RUNTIME=localhost/optout-agent-runtime:dev   # the agent's first stage: tells the Python version
 DB_URL="${IMAGES_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/optout_images}"
 REDIS_URL_IMAGES="${IMAGES_REDIS_URL:-redis://127.0.0.1:6379/11}"
 # Ports of its own: the sandbox holds 8088/5038/4573/5160/20000-20999 and the tests 8080-ish.
@@ -74,6 +75,15 @@ print_timings() {
 # --- cleanup -------------------------------------------------------------------------------------------
 WORK="$(mktemp -d /tmp/optout-images.XXXXXX)"
 chmod 700 "$WORK"
+# Unmount what an interrupted debootstrap left mounted under $1, then remove it without crossing filesystems.
+remove_tree() {
+    local mnt
+    [[ -e "$1" ]] || return 0
+    while read -r mnt; do
+        umount -l "$mnt" 2>/dev/null || true
+    done < <(awk -v d="$1/" 'index($2 "/", d) == 1 { print $2 }' /proc/mounts | sort -r)
+    rm -rf --one-file-system "$1"
+}
 cleanup() {
     local rc=$?
     set +e
@@ -94,7 +104,8 @@ cleanup() {
         fi
         [[ -n "${REDIS_USED:-}" ]] && redis-cli -u "$REDIS_URL_IMAGES" FLUSHDB >/dev/null 2>&1
     fi
-    rm -rf "$WORK"
+    remove_tree "$WORK"
+    rm -f "$HERE"/wheelhouse/*.whl
     print_timings
     if [[ $rc -eq 0 ]]; then say "OK: three images built, call hung up and blacklisted, Lambda stored its number"
     else say "FAILED (exit $rc)"; fi
@@ -161,7 +172,7 @@ else
     debootstrap --variant=minbase --include=asterisk,asterisk-modules sid "$WORK/root" "$(debian_mirror)" \
         >"$WORK/debootstrap.log" 2>&1 || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
     import_root "$WORK/root"
-    rm -rf --one-file-system "$WORK/root"
+    remove_tree "$WORK/root"
 fi
 
 build() {  # build IMAGE DOCKERFILE [podman build options...]
@@ -179,12 +190,12 @@ build "$IMG_ASTERISK" "$HERE/Dockerfile"
 # file); kept per pyproject.toml and Python version, so a warm build copies identical bytes and Podman reuses
 # the dependency layers.
 phase "wheels"
-build "$IMG_AGENT-runtime" "$HERE/Dockerfile.agent" --target runtime --build-arg "APT_PACKAGES=python3 python3-venv"
-PYVER="$("${PODMAN[@]}" run --rm "${LIMITS[@]}" "$IMG_AGENT-runtime" \
+build "$IMG_AGENT_RUNTIME" "$HERE/Dockerfile.agent" --target runtime --build-arg "APT_PACKAGES=python3 python3-venv"
+PYVER="$("${PODMAN[@]}" run --rm "${LIMITS[@]}" "$IMG_AGENT_RUNTIME" \
     python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 PIP=(python3 -m pip)
 [[ -x "$REPO/.venv/bin/pip" ]] && PIP=("$REPO/.venv/bin/pip")
-key="$(cat "$REPO/pyproject.toml" | sha1sum | cut -c1-12)-py$PYVER"
+key="$(sha1sum <"$REPO/pyproject.toml" | cut -c1-12)-py$PYVER"
 if [[ ! -f "$WHEEL_CACHE/$key/.complete" ]]; then
     say "fetching wheels for Python $PYVER on the host"
     rm -rf "$WHEEL_CACHE/$key" "$WORK/host-wheels"
@@ -212,7 +223,6 @@ build "$IMG_AGENT" "$HERE/Dockerfile.agent" --build-arg "APT_PACKAGES=python3 py
 phase "build lambda"
 build "$IMG_LAMBDA" "$REPO/sns_bridge/Dockerfile.lambda" --build-arg "APT_PACKAGES=python3 python3-pip" \
     --build-arg "PIP_OPTIONS=--no-index --break-system-packages"
-rm -f "$HERE"/wheelhouse/*.whl
 
 # --- smoke test: Asterisk + agent --------------------------------------------------------------------
 phase "start asterisk + agent"
