@@ -11,7 +11,7 @@ export REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 TEST_ENV := .run/test.env
 WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 
-.PHONY: install run test lint typecheck unit services asterisk faults bench clean
+.PHONY: install run test lint typecheck unit services browser asterisk faults bench images clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 services:
 	@bash tests/services.sh
+
+# Headless Chromium (Debian's package) for the compliance report's rendering test.
+browser:
+	@bash tests/chromium.sh
 
 # Credentials for the test Asterisk, generated once per checkout (never committed).
 $(TEST_ENV):
@@ -39,7 +43,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-unit: install services asterisk
+unit: install services browser asterisk
 	@$(WITH_TEST_ENV) $(PY) -m pytest -q
 
 test: install services lint typecheck unit
@@ -59,6 +63,10 @@ bench: install services asterisk
 	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_agi_ami.py
 	$(PY) tests/bench/bench_import.py
 	$(PY) tests/bench/bench_sns.py
+
+# Container images (Podman): builds the Asterisk, agent and Lambda images and smoke-tests them together.
+images: install services
+	@bash asterisk-docker/images.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 from agent import admin, logs
 from agent.constants import Source
 from agent.core import Core, open_core
-from agent.errors import OptOutError, SchemaMissing, StoreUnavailable
+from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavailable
 from agent.phone import mask
 from agent.pipeline import Status
 from agent.settings import Settings
@@ -164,6 +166,33 @@ async def cmd_audit(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _day(value: str | None, *, end: bool = False) -> datetime | None:
+    """A --since/--until DATE (YYYY-MM-DD, UTC) as a bound; --until includes its whole day."""
+    if value is None:
+        return None
+    try:
+        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise InvalidInput("--since/--until", f"{value!r} is not a date like 2026-11-25") from None
+    return day + timedelta(days=1) if end else day
+
+
+async def cmd_report(core: Core, args: argparse.Namespace) -> int:
+    from agent import report
+
+    since, until = _day(args.since), _day(args.until, end=True)
+    data = await report.collect(core.store, since=since, until=until, campaign=args.campaign)
+    chain = await admin.verify_chain(core)
+    html = report.render_html(data, chain, generated_at=datetime.now(UTC), title="Opt-out compliance report",
+                              full_numbers=core.settings.log_full_numbers)
+    Path(args.out).write_text(html, encoding="utf-8")  # noqa: ASYNC240 - a CLI writing its one output file
+    print(f"report written to {args.out}")
+    if args.csv:
+        for path in report.write_csv(data, Path(args.csv), chain=chain, full_numbers=core.settings.log_full_numbers):
+            print(f"  {path}")
+    return EXIT_OK
+
+
 async def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
     """Place a test call through Asterisk and say what happened."""
     from agent.testcall import CallObserver
@@ -230,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="the tamper-evident audit chain")
     au.add_argument("action", choices=["verify", "head"])
     au.add_argument("--head", help="with verify: also prove this earlier head is still in the chain")
+    rp = sub.add_parser("report", help="the compliance report: one self-contained HTML file (and CSV tables)")
+    rp.add_argument("--since", metavar="DATE", help="first day (YYYY-MM-DD, UTC)")
+    rp.add_argument("--until", metavar="DATE", help="last day, included")
+    rp.add_argument("--campaign", metavar="ID")
+    rp.add_argument("--out", metavar="FILE.html", required=True)
+    rp.add_argument("--csv", metavar="DIR", help="also write the tables as CSV files into DIR")
     t = sub.add_parser("call", help="place a test call through Asterisk that presses digits")
     t.add_argument("number", metavar="NUMBER", help="the called number the call carries (OPTOUT_NUMBER)")
     t.add_argument("--press", default="9", help="digits the caller sends (SendDTMF syntax, e.g. 5w9)")
@@ -250,6 +285,7 @@ COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "sync-cache": cmd_sync_cache,
     "parked": cmd_parked,
     "audit": cmd_audit,
+    "report": cmd_report,
 }
 
 

@@ -32,6 +32,9 @@ class InvalidInput(OptOutError):
         self.field = field
         self.problem = problem
 
+    def __reduce__(self) -> tuple[type[InvalidInput], tuple[str, str]]:
+        return type(self), (self.field, self.problem)  # so it crosses into worker processes
+
 
 class InvalidPhoneNumber(InvalidInput):
     """A phone number that is not a valid number (for the default region, when written nationally)."""

@@ -170,3 +170,15 @@ def test_parked_lists_nothing_on_a_clean_journal(env: dict[str, str]) -> None:
     assert optout(env, "migrate").returncode == 0
     out = optout(env, "parked")
     assert out.returncode == 0 and "nothing parked" in out.stderr
+
+
+def test_report_writes_one_html_file_and_csv_tables(env: dict[str, str], tmp_path: Path) -> None:
+    assert optout(env, "migrate").returncode == 0
+    optout(env, "add", "0501234567")
+    out = optout(env, "report", "--out", str(tmp_path / "r.html"), "--csv", str(tmp_path / "csv"),
+                 "--since", "2026-01-01")
+    assert out.returncode == 0, out.stderr
+    html = (tmp_path / "r.html").read_text()
+    assert "<svg" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert (tmp_path / "csv" / "per_day.csv").exists()
+    assert optout(env, "report", "--out", str(tmp_path / "x.html"), "--since", "yesterday").returncode == 2

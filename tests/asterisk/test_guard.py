@@ -74,7 +74,8 @@ async def test_a_clear_number_is_originated_with_its_ids_and_number(api: str, ar
         variable = await client.get(f"{ari_env.url}/ari/channels/{body['channelId']}/variable",
                                     params={"variable": "OPTOUT_NUMBER"}, auth=(ari_env.username, ari_env.password))
         assert variable.json()["value"] == "+972521234567"
-        await client.delete(f"{ari_env.url}/ari/channels/{body['channelId']}", auth=(ari_env.username, ari_env.password))
+        auth = (ari_env.username, ari_env.password)
+        await client.delete(f"{ari_env.url}/ari/channels/{body['channelId']}", auth=auth)
 
 
 @pytest.mark.parametrize(("body", "field"), [
