@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from agent.ari import AriAgent
+from agent.errors import TelephonyError
 from agent.intake import Intake
 from agent.pipeline import OptOutPipeline
 from agent.testcall import CallObserver
@@ -82,16 +83,54 @@ async def calls(ari_env: AriEnv) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def observer(ari_env: AriEnv) -> AsyncIterator[CallObserver]:
-    async with CallObserver(ari_url=ari_env.url, username=ari_env.username, password=ari_env.password) as obs:
+    obs = CallObserver(ari_url=ari_env.url, username=ari_env.username, password=ari_env.password,
+                       connect_timeout=5.0)
+    try:
+        await obs.open()
+    except TelephonyError:  # the same stuck-websocket case as in wait_connected
+        await asyncio.to_thread(restart_sandbox)
+        await obs.open()
+    try:
         yield obs
+    finally:
+        await quiet(ari_env)
+        await obs.close()
 
 
 async def wait_connected(agent: AriAgent, within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not agent.connected:
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail("the ARI agent did not connect")
-        await asyncio.sleep(0.02)
+    """Until the agent's websocket is up. Asterisk 22.10.1 has been seen to leave an app name stuck after a
+    websocket died while it was writing events ("Replacing Stasis app" then a connect that hangs, until
+    Asterisk restarts): then the sandbox is restarted once, as an operator would."""
+    for attempt in range(2):
+        deadline = asyncio.get_running_loop().time() + within / 2
+        while not agent.connected:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        if agent.connected:
+            return
+        if attempt == 0:
+            restarted = await asyncio.to_thread(restart_sandbox)
+            assert restarted.returncode == 0, restarted.stderr
+    pytest.fail("the ARI agent did not connect, even after Asterisk restarted")
+
+
+def restart_sandbox() -> subprocess.CompletedProcess[str]:
+    sandbox("down")
+    return sandbox("up")
+
+
+async def quiet(ari_env: AriEnv, within: float = 10.0) -> None:
+    """Wait until Asterisk has no channels left, so no websocket closes while events are being written."""
+    async with httpx.AsyncClient(auth=(ari_env.username, ari_env.password)) as client:
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                if not (await client.get(f"{ari_env.url}/ari/channels", timeout=2)).json():
+                    return
+            except (httpx.HTTPError, ValueError):
+                return
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -111,6 +150,7 @@ async def ari_agent(ari_env: AriEnv, intake: Intake) -> AsyncIterator[AriAgent]:
         await wait_connected(agent)
         yield agent
         await intake.drain(within=5.0)
+        await quiet(ari_env)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -21,7 +21,7 @@ from agent.intake import Intake
 from agent.pipeline import OptOutPipeline
 from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
-from tests.asterisk.conftest import AriEnv, wait_connected
+from tests.asterisk.conftest import AriEnv, quiet, wait_connected
 from tests.asterisk.test_agi import AGI_HOST, AGI_PORT, AsteriskCalls, random_number
 from tests.asterisk.test_ami import make_agent, running
 
@@ -70,6 +70,8 @@ async def way_in(request: pytest.FixtureRequest, ari_env: AriEnv, intake: Intake
             task = asyncio.create_task(ari.run())
             await wait_connected(ari)
             yield way
+            await intake.drain(within=5.0)
+            await quiet(ari_env)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     elif way == "ami":

@@ -337,8 +337,17 @@ async def migrated(pg_dsn: str) -> bool:
 
 
 async def start_agent(agent: AgentProcess, pg_dsn: str) -> None:
-    """Start the agent and wait until it is ready and has migrated its schema."""
-    await agent.start()
+    """Start the agent and wait until it is ready and has migrated its schema. When its ARI websocket cannot
+    connect (Asterisk 22.10.1 can leave an app name stuck after a websocket died mid-write, until it
+    restarts), the sandbox is restarted once."""
+    try:
+        await agent.start()
+    except RuntimeError:
+        await agent.stop()
+        script = str(REPO / "asterisk-docker" / "sandbox")
+        await asyncio.to_thread(subprocess.run, [script, "down"], check=False, capture_output=True, timeout=120)
+        await asyncio.to_thread(subprocess.run, [script, "up"], check=True, capture_output=True, timeout=120)
+        await agent.start()
     if not await eventually(lambda: migrated(pg_dsn), within=30.0):
         raise RuntimeError(f"the agent did not migrate its schema:\n{agent.log_tail()}")
 
