@@ -138,12 +138,6 @@ class RedisCache(Resource):
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
-    async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
     # --- the pipeline's write, before the store -------------------------------------------------------
     async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[datetime]:
         """Make each opt-out visible to the dialers (set member, entry, pending mark, action record) in one

@@ -78,7 +78,7 @@ class Outcome(StrEnum):
     BLACKLISTED = "blacklisted"
     """The number was added to the blacklist by this action."""
     ALREADY_BLACKLISTED = "already_blacklisted"
-    """The number was on the blacklist already; the action is still recorded."""
+    """The number was on the blacklist already; the action is still audited."""
     NUMBER_UNKNOWN = "number_unknown"
     """The caller pressed the digit but no valid number could be derived; the call was still ended."""
     REMOVED = "removed"

@@ -44,7 +44,7 @@ class GuardAnswer:
 
 
 class DialGuard:
-    """`check()` a number before dialling it; blacklisted ones are recorded as prevented calls."""
+    """`check()` a number before dialling it; a blacklisted one is audited as a prevented call."""
 
     def __init__(self, *, checker: BlacklistChecker, store: Store, timeout: float = 2.0) -> None:
         self._checker = checker
@@ -72,10 +72,10 @@ class DialGuard:
             return GuardAnswer(Verdict.CLEAR, number)
         metrics.PREVENTED.labels(via.value).inc()
         log.info("call to %s prevented: the number is blacklisted", mask(number), extra={"via": via.value})
-        self._record(number, via=via, ids=(call_id, campaign_id, contact_id))
+        self._audit(number, via=via, ids=(call_id, campaign_id, contact_id))
         return GuardAnswer(Verdict.BLACKLISTED, number)
 
-    def _record(self, number: str, *, via: Origin, ids: tuple[str | None, ...]) -> None:
+    def _audit(self, number: str, *, via: Origin, ids: tuple[str | None, ...]) -> None:
         now = datetime.now(UTC)
         call_id, campaign_id, contact_id = (clean_text(i, ID_MAX) if i else None for i in ids)
         extra: dict[str, Any] = {"call_id": call_id, "campaign_id": campaign_id, "contact_id": contact_id}

@@ -113,7 +113,7 @@ class Intake:
             record = call_record(facts, origin=origin, digit=self.digit, pressed_at=pressed_at, region=self.region,
                                  received_at=received_at)
         except Exception:
-            log.exception("could not build the opt-out record; recording the press as number-unknown")
+            log.exception("could not build the opt-out record; auditing the press as number-unknown")
             record = OptOutRecord(event_id=call_event_id(facts.uniqueid, None), phone_number=None, origin=origin,
                                   digit=self.digit, pressed_at=pressed_at, received_at=received_at,
                                   channel={"uniqueid": facts.uniqueid, "name": facts.name})

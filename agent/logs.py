@@ -22,7 +22,6 @@ _NUMBER = re.compile(r"(?<![0-9A-Fa-f])\+?\(?\d(?:[ ()./-]{0,2}\d)+")
 _KEEP = re.compile(
     r"\d{4}-\d{2}-\d{2}"          # an ISO date
     r"|\d{10}\.\d{1,6}"           # an Asterisk uniqueid (epoch.sequence)
-    r"|\d{1,2}(?:\.\d+){1,3}"     # versions, short decimals
 )
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

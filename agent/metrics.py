@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 _FAST = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 
 OPTOUTS = Counter("optout_optouts_total", "Opt-outs stored, by origin and outcome", ["origin", "outcome"])
-DUPLICATES = Counter("optout_duplicates_total", "Opt-outs recognised as already recorded", ["origin"])
+DUPLICATES = Counter("optout_duplicates_total", "Opt-outs recognised as already stored", ["origin"])
 BLACKLIST_ADDITIONS = Counter("optout_blacklist_additions_total", "Numbers newly added to the blacklist")
 REJECTED = Counter("optout_rejected_total", "Opt-out inputs rejected as invalid", ["origin"])
 FIELDS_DROPPED = Counter("optout_fields_dropped_total", "Invalid optional fields left out of an opt-out", ["origin"])

@@ -287,7 +287,7 @@ def _digest(*parts: str | None) -> str:
 
 def derive_event_id(event: OptOutEvent, phone_number: str) -> str:
     """The id of an event's opt-out. It always includes the number: a producer's `eventId` reused for
-    another number names another opt-out (recorded, never answered "duplicate"); without an `eventId` it
+    another number names another opt-out (stored, never answered "duplicate"); without an `eventId` it
     is a digest of the content, so a redelivery has the same id."""
     if event.event_id:
         return "ev-" + _digest(event.event_id, phone_number)

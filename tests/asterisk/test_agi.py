@@ -182,6 +182,7 @@ async def agi(us_intake: Intake, guard: DialGuard) -> AsyncIterator[AgiServer]:
     async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=us_intake, guard=guard, header_timeout=1.0) as server:
         yield server
     await us_intake.drain(within=5.0)
+    await guard.drain(within=5.0)  # prevented-call records still being written, before the store closes
 
 
 async def wait_rows(store: PostgresStore, number: str, *, count: int = 1, within: float = 5.0) -> list[dict[str, Any]]:

@@ -186,3 +186,4 @@ async def agi(intake: Any, pg_store: PostgresStore, cache: Any) -> AsyncIterator
     async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard) as server:
         yield server
     await intake.drain(within=5.0)
+    await guard.drain(within=5.0)

@@ -84,6 +84,7 @@ async def way_in(request: pytest.FixtureRequest, ari_env: AriEnv, intake: Intake
         guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
         async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard):
             yield way
+        await guard.drain(within=5.0)
 
 
 async def press_once(calls: AsteriskCalls, way: str) -> str:
