@@ -294,7 +294,14 @@ async def _run_command(settings: Settings, args: argparse.Namespace) -> int:
         migrate = args.command == "migrate"
         core = await open_core(settings, stack, create_store=migrate)
         if not migrate:
-            await core.store.require_schema()  # never answer from a store the agent does not use
+            try:
+                await core.store.require_schema()  # never answer from a store the agent does not use
+            except SchemaMissing:
+                raise
+            except StoreUnavailable:
+                if args.command != "check":
+                    raise
+                # A store that is down is not a wrong store: the check goes on with what Redis can prove.
         return await COMMANDS[args.command](core, args)
 
 

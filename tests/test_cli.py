@@ -182,3 +182,13 @@ def test_report_writes_one_html_file_and_csv_tables(env: dict[str, str], tmp_pat
     assert "<svg" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert (tmp_path / "csv" / "per_day.csv").exists()
     assert optout(env, "report", "--out", str(tmp_path / "x.html"), "--since", "yesterday").returncode == 2
+
+
+def test_check_with_the_store_down_answers_from_what_redis_proves(env: dict[str, str]) -> None:
+    assert optout(env, "migrate").returncode == 0
+    assert optout(env, "add", "0501234567").returncode == 0
+    down = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}
+    listed = optout(down, "check", "0501234567")
+    assert listed.returncode == 1 and listed.stdout.rstrip().endswith("BLACKLISTED"), listed.stderr
+    unknown = optout(down, "check", "0521234567")
+    assert unknown.returncode == 2 and "clear" not in unknown.stdout

@@ -87,7 +87,9 @@ async def check_through_outage(agent: AgentProcess, calls: list[CallResult], cut
                 out = await asyncio.to_thread(optout_check, agent, due[-40:])
                 tally["rounds"] += 1
                 tally["numbers"] += len(due[-40:])
-                tally["not_blacklisted"] += sum(not line.endswith("BLACKLISTED") for line in out.stdout.splitlines())
+                lines = out.stdout.splitlines()
+                tally["not_blacklisted"] += sum(not line.endswith("BLACKLISTED") for line in lines)
+                tally["not_blacklisted"] += max(0, len(due[-40:]) - len(lines))  # no answer is no "blacklisted"
                 if out.returncode != 1:
                     tally["bad_exit"] += 1
         await asyncio.sleep(1.0)
