@@ -28,6 +28,7 @@ from agent.constants import (
     BLACKLIST_SET,
     BLACKLIST_SYNCED,
     PENDING_TTL_SECONDS,
+    Source,
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
@@ -60,6 +61,20 @@ end
 redis.call('SADD', KEYS[2], ARGV[5])
 redis.call('SET', KEYS[1], ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3])) end
+return 1
+"""
+# An import batch's own changes, applied by the importer when the set is right before them (the same
+# compare-and-set as _APPLY, so the keeper need not re-apply them). KEYS: seq, set, then each number's entry
+# key. ARGV: expected seq, new seq ('' = leave it), the entry JSON before and after the number, sentinel,
+# then the numbers.
+_ADD_IMPORTED = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+for i = 6, #ARGV do
+  redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('SET', KEYS[i - 3], ARGV[3] .. ARGV[i] .. ARGV[4], 'NX')
+end
+redis.call('SADD', KEYS[2], ARGV[5])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
 return 1
 """
 # KEYS: set, entry, pending. ARGV: phone, removal ms.
@@ -125,6 +140,7 @@ class RedisCache(Resource):
         self._apply = self._redis.register_script(_APPLY)
         self._renew = self._redis.register_script(_RENEW)
         self._retract = self._redis.register_script(_RETRACT)
+        self._add_imported = self._redis.register_script(_ADD_IMPORTED)
         self._closed = False
 
     async def close(self) -> None:
@@ -234,17 +250,30 @@ class RedisCache(Resource):
         pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
         await self._execute(pipe)
 
-    async def add_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: str, chunk: int = 5000
-    ) -> None:
-        """Bulk form of add_entries for numbers sharing one addedAt, reason and source (imports)."""
-        common = json.dumps({"addedAt": added_at.isoformat(), "reason": reason, "source": source})[1:]
+    async def add_imported(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, after: int, last: int,
+        chunk: int = 5000,
+    ) -> bool:
+        """Make an import batch's new numbers visible (set member, entry unless one exists) if the set is at
+        `after`, the change sequence right before the batch, and then mark it at `last`, its last change: the
+        import keeps `blacklist:seq` moving, so the keeper has nothing to re-apply. Each chunk is one short
+        script (Redis is never held long). False when the set is elsewhere (another writer's change came in
+        between): nothing more is written, and the keeper applies the batch from the change feed."""
+        marker = "\x00"
+        entry = BlacklistEntry(phone_number=marker, added_at=added_at, reason=reason, source=source).to_json()
+        before, _, behind = entry.partition(json.dumps(marker)[1:-1])
         for i in range(0, len(numbers), chunk):
             part = numbers[i : i + chunk]
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.sadd(BLACKLIST_SET, *part)
-            pipe.mset({blacklist_entry_key(n): f'{{"phoneNumber":"{n}",{common}' for n in part})
-            await self._execute(pipe)
+            final = i + chunk >= len(numbers)
+            try:
+                done = await self._add_imported(
+                    keys=[BLACKLIST_SEQ, BLACKLIST_SET, *(blacklist_entry_key(n) for n in part)],
+                    args=[str(after), str(last) if final else "", before, behind, BLACKLIST_SENTINEL, *part])
+            except (RedisError, OSError) as exc:
+                raise CacheUnavailable(f"Redis: adding imported numbers failed: {exc}") from exc
+            if not done:
+                return False
+        return True
 
     async def new_rebuild_key(self) -> str:
         key = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"

@@ -50,6 +50,8 @@ def campaign_counter_key(campaign_id: str) -> str:
 
 # --- Database ------------------------------------------------------------------------------------------
 TABLE_SCHEMA_VERSION = "optout_schema_version"
+TABLE_IMPORTS = "optout_imports"
+"""How far each bulk import file (by SHA-256) was committed: a re-run resumes there."""
 CHAIN_LOCK = 0x0F7_0A8
 """pg_advisory_xact_lock key every writer of the audit trail takes: one chain, appended in commit order."""
 
