@@ -25,7 +25,7 @@ from agent.errors import CacheUnavailable, InvalidInput, OptOutError
 from agent.optout import OptOutRecord
 from agent.phone import normalise, normalise_many
 from agent.pipeline import PipelineResult
-from agent.store import ImportMark, Removal
+from agent.store import ImportBatch, ImportMark, Removal
 
 PHONE_COLUMNS = ("phonenumber", "phone_number", "phone", "number", "msisdn", "e164")
 MAX_FIELD = 256
@@ -274,7 +274,6 @@ async def import_numbers(
     """
     report = ImportReport()
     region = core.settings.optout_default_region
-    now = datetime.now(UTC)
     total = os.fstat(fh.fileno()).st_size
     sha = await asyncio.to_thread(file_sha256, fh)
     state = await core.store.import_state(sha)
@@ -282,15 +281,19 @@ async def import_numbers(
         report.resumed_after, report.added_before = state.last_line, state.added
     else:
         await core.store.import_begin(sha, name)
-    if core.cache_sync is not None:
-        try:
-            await core.cache_sync.tick()  # the set at the store's head: the import's batches follow on
-        except CacheUnavailable as exc:
-            report.cache_error = str(exc)
+    committer = _Committer(core, report, sha=sha, name=name, reason=reason, source=source, actor=actor)
+    await committer.catch_up()  # the set at the store's head: the import's batches follow on from there
     count = workers or min(4, os.cpu_count() or 1)
     loop = asyncio.get_running_loop()
     pending: deque[asyncio.Future[_Block]] = deque()
     pool = ProcessPoolExecutor(max_workers=count, initializer=_ignore_sigint)
+
+    async def commit_oldest() -> bool:
+        more = await committer.commit(await pending.popleft())
+        if progress is not None:
+            progress(ImportProgress(report.read, report.done_bytes, total))
+        return more
+
     try:
         blocks = file_blocks(fh, skip_through=report.resumed_after, size=block_bytes)
         try:
@@ -301,60 +304,84 @@ async def import_numbers(
                 assert not isinstance(item, int)
                 first_line, data, end = item
                 pending.append(loop.run_in_executor(pool, _parse_block, first_line, data, end, column, region))
-                if len(pending) > count and not await _store_block(core, pending.popleft(), report, sha=sha,
-                                                                   name=name, now=now, reason=reason,
-                                                                   source=source, actor=actor):
+                if len(pending) > count and not await commit_oldest():
                     break
-                if progress is not None:
-                    progress(ImportProgress(report.read, report.done_bytes, total))
         except UnreadableFile as exc:
             report.stopped = str(exc)
         while pending and report.stopped is None:
-            await _store_block(core, pending.popleft(), report, sha=sha, name=name, now=now, reason=reason,
-                               source=source, actor=actor)
-            if progress is not None:
-                progress(ImportProgress(report.read, report.done_bytes, total))
+            await commit_oldest()
+        await committer.flush()
     finally:
+        committer.cancel()
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
     if report.stopped is None:
         await core.store.import_finish(sha)
-    if core.cache_sync is not None and report.cache_error is None:
-        try:
-            await core.cache_sync.tick()  # whatever the import left to the change feed, and the lease
-        except CacheUnavailable as exc:
-            report.cache_error = str(exc)
+    await committer.catch_up()  # whatever the import left to the change feed, and the lease
     return report
 
 
-async def _store_block(core: Core, future: asyncio.Future[_Block], report: ImportReport, *, sha: str, name: str,
-                       now: datetime, reason: str, source: Source, actor: str) -> bool:
-    """Commit one block (and the file's progress with it), then make its new numbers visible in Redis.
-    False when the file cannot be read past this block."""
-    block = await future
-    report.read += block.rows
-    report.bad_count += len(block.bad)
-    report.bad.extend(block.bad[: max(0, MAX_BAD_KEPT - len(report.bad))])
-    mark = ImportMark(sha, name, last_line=block.last_line, bad=len(block.bad))
-    batch = await core.store.import_batch(block.good, added_at=now, reason=reason, source=source, actor=actor,
-                                          mark=mark)
-    report.added += len(batch.added)
-    report.already += len(block.good) - len(batch.added)
-    report.done_bytes = block.end
-    if core.cache is not None and core.cache_sync is not None and report.cache_error is None and batch.added:
+class _Committer:
+    """Stores an import's blocks in file order and makes each batch visible in Redis while the next one is
+    being stored (the Redis writes stay in batch order: each waits for the one before)."""
+
+    def __init__(self, core: Core, report: ImportReport, *, sha: str, name: str, reason: str, source: Source,
+                 actor: str) -> None:
+        self._core, self._report = core, report
+        self._sha, self._name, self._reason, self._source, self._actor = sha, name, reason, source, actor
+        self._now = datetime.now(UTC)
+        self._visible: asyncio.Task[None] | None = None
+
+    async def commit(self, block: _Block) -> bool:
+        """Commit one block (and the file's progress with it); False when the file cannot be read past it."""
+        report = self._report
+        report.read += block.rows
+        report.bad_count += len(block.bad)
+        report.bad.extend(block.bad[: max(0, MAX_BAD_KEPT - len(report.bad))])
+        mark = ImportMark(self._sha, self._name, last_line=block.last_line, bad=len(block.bad))
+        batch = await self._core.store.import_batch(block.good, added_at=self._now, reason=self._reason,
+                                                    source=self._source, actor=self._actor, mark=mark)
+        report.added += len(batch.added)
+        report.already += len(block.good) - len(batch.added)
+        report.done_bytes = block.end
+        await self.flush()
+        if batch.added and self._core.cache is not None and report.cache_error is None:
+            self._visible = asyncio.create_task(self._make_visible(batch), name="import-redis")
+        if block.stopped is not None:
+            report.stopped = block.stopped
+            return False
+        return True
+
+    async def _make_visible(self, batch: ImportBatch) -> None:
+        assert self._core.cache is not None
         try:
-            if await core.cache.add_imported(batch.added, added_at=now, reason=reason, source=source,
-                                             after=batch.after_seq, last=batch.last_seq):
-                report.cache_by_import += 1
+            if await self._core.cache.add_imported(batch.added, added_at=self._now, reason=self._reason,
+                                                   source=self._source, after=batch.after_seq, last=batch.last_seq):
+                self._report.cache_by_import += 1
             else:
-                await core.cache_sync.tick()  # another change came in between: catch up from the feed
+                await self.catch_up()  # another change came in between: catch up from the change feed
         except CacheUnavailable as exc:
-            report.cache_error = str(exc)
-    if block.stopped is not None:
-        report.stopped = block.stopped
-        return False
-    return True
+            self._report.cache_error = str(exc)
+
+    async def catch_up(self) -> None:
+        """One round of the cache keeper: the store's changes since `blacklist:seq` applied, the lease renewed."""
+        if self._core.cache_sync is None or self._report.cache_error is not None:
+            return
+        try:
+            await self._core.cache_sync.tick()
+        except CacheUnavailable as exc:
+            self._report.cache_error = str(exc)
+
+    async def flush(self) -> None:
+        """Wait for the last batch's Redis write."""
+        if self._visible is not None:
+            task, self._visible = self._visible, None
+            await task
+
+    def cancel(self) -> None:
+        if self._visible is not None:
+            self._visible.cancel()
 
 
 # --- export, history, audit -------------------------------------------------------------------------

@@ -8,8 +8,10 @@ sees row N committed sees every row before it).
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -59,14 +61,37 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
         )
 
 
-def _copy_text(value: Any) -> str:
-    """A value in COPY's text format."""
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_INT32 = struct.Struct("!i")
+
+
+def _binary_field(column: str, value: Any) -> bytes:
+    """One field of COPY's binary format (length, then the value in the type's binary form): timestamps need
+    no parsing on the server, which makes an import's audit rows markedly cheaper to load than text."""
     if value is None:
-        return "\\N"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    text = str(value)
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return _INT32.pack(-1)
+    if column in audit.TIMESTAMP_COLUMNS:
+        delta = value - _PG_EPOCH
+        return struct.pack("!iq", 8, (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
+    data = (b"\x01" + json.dumps(value, separators=(",", ":")).encode()) if column in audit.JSON_COLUMNS \
+        else str(value).encode()
+    return _INT32.pack(len(data)) + data
+
+
+def _binary_rows(template: dict[str, Any], rows: list[tuple[str, str, str, str]]) -> Iterator[bytes]:
+    """Audit rows of an import as binary COPY data, built from the template's fields once; only the event id,
+    number and hashes differ between rows."""
+    fields = [_binary_field(c, template.get(c)) for c in _ROW_COLUMNS]
+    start = struct.pack("!h", len(_ROW_COLUMNS))
+    between, after_phone, hash_len = fields[1], b"".join(fields[3:-2]), _INT32.pack(64)
+    pack = _INT32.pack
+    yield _COPY_HEADER
+    for i in range(0, len(rows), 10_000):
+        yield b"".join(b"".join((start, pack(len(e)), e.encode(), between, pack(len(p)), p.encode(), after_phone,
+                                 hash_len, prev.encode(), hash_len, h.encode()))
+                       for e, p, prev, h in rows[i : i + 10_000])
+    yield b"\xff\xff"
 
 
 def _iso_sql(column: str) -> str:
@@ -261,24 +286,22 @@ class PostgresStore(Store):
                 await conn.execute("CREATE TEMP TABLE import_stage (phone_number text) ON COMMIT DROP")
                 async with conn.cursor().copy("COPY import_stage (phone_number) FROM STDIN") as copy:
                     await copy.write("".join(f"{n}\n" for n in numbers))
+                # Every writer of the blacklist holds CHAIN_LOCK, so an anti-join finds the new numbers and a
+                # plain insert (cheaper than ON CONFLICT's speculative one) cannot meet a concurrent one.
                 cur = await conn.execute(
                     "INSERT INTO blacklist (phone_number, added_at, reason, source)"
-                    " SELECT DISTINCT phone_number, %s, %s, %s FROM import_stage"
-                    " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
+                    " SELECT DISTINCT s.phone_number, %s, %s, %s FROM import_stage s WHERE NOT EXISTS"
+                    " (SELECT 1 FROM blacklist b WHERE b.phone_number = s.phone_number) RETURNING phone_number",
                     (added_at, reason, source.value),
                 )
                 new = [r[0] for r in await cur.fetchall()]
             if new:
                 template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
                 rows, _ = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
-                # One line template: only the event id, number and hashes differ between rows.
-                fields = [_copy_text(template.get(c)) for c in _ROW_COLUMNS]
-                between = "\t" + fields[1] + "\t"
-                after_phone = "\t" + "\t".join(fields[3:-2]) + "\t"
-                async with conn.cursor().copy(f"COPY optout_actions ({', '.join(_ROW_COLUMNS)}) FROM STDIN") as copy:
-                    for i in range(0, len(rows), 10_000):
-                        await copy.write("".join(f"{e}{between}{p}{after_phone}{prev}\t{h}\n"
-                                                 for e, p, prev, h in rows[i : i + 10_000]))
+                async with conn.cursor().copy(
+                        f"COPY optout_actions ({', '.join(_ROW_COLUMNS)}) FROM STDIN (FORMAT binary)") as copy:
+                    for data in _binary_rows(template, rows):
+                        await copy.write(data)
                 cur = await conn.execute("SELECT currval(pg_get_serial_sequence('optout_actions', 'id'))")
                 got = await cur.fetchone()
                 seq = int(got[0]) if got else after
