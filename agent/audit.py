@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,13 +70,14 @@ _MARK_EVENT, _MARK_PHONE = "\x01", "\x02"
 
 
 def chain_uniform(template: Mapping[str, Any], rows: Iterable[tuple[str, str]],
-                  head: str | None) -> tuple[list[tuple[str, str, str, str]], str]:
+                  head: str | None) -> Iterator[tuple[str, str, str, str]]:
     """`chain` for rows that differ only in event id and phone number (an import), in one pass without
     building a row per number: the canonical form is the template's with the two values spliced in.
 
     `rows` are (event_id, phone_number) of plain ASCII text with no `"` or `\\` (E.164 numbers and
-    generated ids; ValueError otherwise). Returns ((event_id, phone_number, prev_hash, row_hash) per row, the
-    new head); the hashes are those `row_hash` computes for the full row.
+    generated ids; ValueError otherwise). Yields (event_id, phone_number, prev_hash, row_hash) per row, lazily
+    (a writer can send the first rows while the next are hashed); the hashes are those `row_hash` computes
+    for the full row.
     """
     values = [_norm(c, template.get(c)) for c in HASHED_COLUMNS]
     values[HASHED_COLUMNS.index("event_id")] = _MARK_EVENT
@@ -86,7 +87,6 @@ def chain_uniform(template: Mapping[str, Any], rows: Iterable[tuple[str, str]],
     middle, after = rest.split(json.dumps(_MARK_PHONE), 1)
     pre, mid, post = before.encode() + b'"', b'"' + middle.encode() + b'"', b'"' + after.encode()
     sha256 = hashlib.sha256
-    out: list[tuple[str, str, str, str]] = []
     prev = head or GENESIS
     digest = bytes.fromhex(prev)
     for event_id, phone in rows:
@@ -94,9 +94,8 @@ def chain_uniform(template: Mapping[str, Any], rows: Iterable[tuple[str, str]],
             raise ValueError(f"chain_uniform takes plain ASCII ids and numbers, not {event_id!r} / {phone!r}")
         digest = sha256(digest + pre + event_id.encode() + mid + phone.encode() + post).digest()
         row = digest.hex()
-        out.append((event_id, phone, prev, row))
+        yield event_id, phone, prev, row
         prev = row
-    return out, prev
 
 
 @dataclass(frozen=True)

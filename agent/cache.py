@@ -69,11 +69,17 @@ return 1
 # then the numbers.
 _ADD_IMPORTED = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-for i = 6, #ARGV do
-  redis.call('SADD', KEYS[2], ARGV[i])
-  redis.call('SET', KEYS[i - 3], ARGV[3] .. ARGV[i] .. ARGV[4], 'NX')
+local entries = {unpack(KEYS, 3)}
+local found = redis.call('MGET', unpack(entries))
+local pairs = {}
+for i = 1, #entries do
+  if not found[i] then
+    pairs[#pairs + 1] = entries[i]
+    pairs[#pairs + 1] = ARGV[3] .. ARGV[5 + i] .. ARGV[4]
+  end
 end
-redis.call('SADD', KEYS[2], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[5], unpack(ARGV, 6))
+if #pairs > 0 then redis.call('MSET', unpack(pairs)) end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2]) end
 return 1
 """
@@ -252,7 +258,7 @@ class RedisCache(Resource):
 
     async def add_imported(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, after: int, last: int,
-        chunk: int = 5000,
+        chunk: int = 2000,
     ) -> bool:
         """Make an import batch's new numbers visible (set member, entry unless one exists) if the set is at
         `after`, the change sequence right before the batch, and then mark it at `last`, its last change: the

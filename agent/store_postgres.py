@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 import psycopg
@@ -79,7 +80,7 @@ def _binary_field(column: str, value: Any) -> bytes:
     return _INT32.pack(len(data)) + data
 
 
-def _binary_rows(template: dict[str, Any], rows: list[tuple[str, str, str, str]]) -> Iterator[bytes]:
+def _binary_rows(template: dict[str, Any], rows: Iterator[tuple[str, str, str, str]]) -> Iterator[bytes]:
     """Audit rows of an import as binary COPY data, built from the template's fields once; only the event id,
     number and hashes differ between rows."""
     fields = [_binary_field(c, template.get(c)) for c in _ROW_COLUMNS]
@@ -87,10 +88,9 @@ def _binary_rows(template: dict[str, Any], rows: list[tuple[str, str, str, str]]
     between, after_phone, hash_len = fields[1], b"".join(fields[3:-2]), _INT32.pack(64)
     pack = _INT32.pack
     yield _COPY_HEADER
-    for i in range(0, len(rows), 10_000):
+    while chunk := list(islice(rows, 5000)):
         yield b"".join(b"".join((start, pack(len(e)), e.encode(), between, pack(len(p)), p.encode(), after_phone,
-                                 hash_len, prev.encode(), hash_len, h.encode()))
-                       for e, p, prev, h in rows[i : i + 10_000])
+                                 hash_len, prev.encode(), hash_len, h.encode())) for e, p, prev, h in chunk)
     yield b"\xff\xff"
 
 
@@ -286,18 +286,18 @@ class PostgresStore(Store):
                 await conn.execute("CREATE TEMP TABLE import_stage (phone_number text) ON COMMIT DROP")
                 async with conn.cursor().copy("COPY import_stage (phone_number) FROM STDIN") as copy:
                     await copy.write("".join(f"{n}\n" for n in numbers))
-                # Every writer of the blacklist holds CHAIN_LOCK, so an anti-join finds the new numbers and a
-                # plain insert (cheaper than ON CONFLICT's speculative one) cannot meet a concurrent one.
+                # ON CONFLICT probes the primary key per row; an anti-join would be planned as a hash join
+                # over the whole blacklist, once per batch.
                 cur = await conn.execute(
                     "INSERT INTO blacklist (phone_number, added_at, reason, source)"
-                    " SELECT DISTINCT s.phone_number, %s, %s, %s FROM import_stage s WHERE NOT EXISTS"
-                    " (SELECT 1 FROM blacklist b WHERE b.phone_number = s.phone_number) RETURNING phone_number",
+                    " SELECT DISTINCT phone_number, %s, %s, %s FROM import_stage"
+                    " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
                     (added_at, reason, source.value),
                 )
                 new = [r[0] for r in await cur.fetchall()]
             if new:
                 template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
-                rows, _ = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
+                rows = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
                 async with conn.cursor().copy(
                         f"COPY optout_actions ({', '.join(_ROW_COLUMNS)}) FROM STDIN (FORMAT binary)") as copy:
                     for data in _binary_rows(template, rows):

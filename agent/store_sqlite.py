@@ -224,7 +224,7 @@ class SqliteStore(Store):
             seq = after
             if new:
                 template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
-                rows, _ = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
+                rows = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
                 values = list(_params(template).values())
                 phone_at = _ROW_COLUMNS.index("phone_number")
                 conn.executemany(_INSERT_ACTION_ROW, (
