@@ -94,6 +94,8 @@ class ImportReport:
     """Batches the import made visible in Redis itself (the rest the keeper applied from the change feed)."""
     done_bytes: int = 0
     """How far into the file the committed rows reach."""
+    last_line: int = 0
+    """The file's last line committed (by this run or, resumed, an earlier one)."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ def file_blocks(fh: BinaryIO, *, skip_through: int = 0, size: int = 1 << 19,
 async def import_numbers(
     core: Core, fh: BinaryIO, *, name: str, source: Source, reason: str, actor: str,
     progress: Callable[[ImportProgress], None] | None = None, workers: int | None = None,
-    block_bytes: int = 1 << 19, restart: bool = False,
+    block_bytes: int = 1 << 19, restart: bool = False, report: ImportReport | None = None,
 ) -> ImportReport:
     """Import a file of numbers at the storage's bulk speed; bad rows reported by line number.
 
@@ -270,15 +272,17 @@ async def import_numbers(
     Each transaction also records the file's last committed line (`optout_imports`, by the file's SHA-256),
     so an interrupted import run again with the same file resumes after it (`resumed_after`) unless
     `restart`. A file that cannot be read on (binary, UTF-16) stops the import with `stopped` set; what was
-    committed before stays. Raises StoreUnavailable / StoreRejected when a batch cannot be stored.
+    committed before stays. Raises StoreUnavailable / StoreRejected when a batch cannot be stored. Pass
+    `report` to see how far it got when it is interrupted (cancelled) or fails.
     """
-    report = ImportReport()
+    report = report if report is not None else ImportReport()
     region = core.settings.optout_default_region
     total = os.fstat(fh.fileno()).st_size
     sha = await asyncio.to_thread(file_sha256, fh)
     state = await core.store.import_state(sha)
     if state is not None and not state.finished and state.last_line > 0 and not restart:
         report.resumed_after, report.added_before = state.last_line, state.added
+        report.last_line = state.last_line
     else:
         await core.store.import_begin(sha, name)
     committer = _Committer(core, report, sha=sha, name=name, reason=reason, source=source, actor=actor)
@@ -344,7 +348,7 @@ class _Committer:
                                                     source=self._source, actor=self._actor, mark=mark)
         report.added += len(batch.added)
         report.already += len(block.good) - len(batch.added)
-        report.done_bytes = block.end
+        report.done_bytes, report.last_line = block.end, block.last_line
         await self.flush()
         if batch.added and self._core.cache is not None and report.cache_error is None:
             self._visible = asyncio.create_task(self._make_visible(batch), name="import-redis")

@@ -87,12 +87,18 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{p.rows:,} rows, {rate:,.0f} rows/s", refresh=False)
         bar.update(p.done_bytes - bar.n)
 
+    report = admin.ImportReport()
     try:
         with open(args.file, "rb") as fh:  # noqa: ASYNC230 - streamed, CLI only
-            report = await admin.import_numbers(
+            await admin.import_numbers(
                 core, fh, name=os.path.basename(args.file), source=Source(args.source), reason=args.reason,
-                actor=_actor(), progress=progress, restart=args.restart,
+                actor=_actor(), progress=progress, restart=args.restart, report=report,
             )
+    except (asyncio.CancelledError, OptOutError):
+        bar.close()
+        print(f"import stopped: committed through line {report.last_line:,} of {args.file} (added {report.added:,}"
+              " in this run); run the same command again to resume there", file=sys.stderr)
+        raise
     finally:
         bar.close()
     if report.resumed_after:

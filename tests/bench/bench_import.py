@@ -83,7 +83,7 @@ def run_once(path: Path, env: dict[str, str]) -> tuple[float, int, str, int]:
 
 
 def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
-    r = redis.Redis.from_url(REDIS)
+    r = redis.Redis.from_url(REDIS, socket_timeout=60)
     times: list[float] = []
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +93,7 @@ def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
             schema = f"bench_{uuid.uuid4().hex[:8]}"
             with psycopg.connect(PG, autocommit=True) as conn:
                 conn.execute(f"CREATE SCHEMA {schema}")
-            r.flushdb()
+            r.flushdb(asynchronous=True)
             dsn = f"{PG}?options=-csearch_path%3D{schema}"
             env = {**os.environ, "DATABASE_URL": dsn, "REDIS_URL": REDIS, "OPTOUT_DEFAULT_REGION": "IL",
                    "OPTOUT_JOURNAL_PATH": f"{tmp}/j.db"}
@@ -108,7 +108,7 @@ def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
                       f"{peak / 1024:.0f} MB; exit {code}; {out}; PostgreSQL rows {rows[0] if rows else 0:,}; "
                       f"Redis set {r.scard('blacklist:numbers'):,}, seq {int(r.get('blacklist:seq') or 0):,}")
             finally:
-                r.flushdb()
+                r.flushdb(asynchronous=True)
                 with psycopg.connect(PG, autocommit=True) as conn:
                     conn.execute(f"DROP SCHEMA {schema} CASCADE")
     print(f"median of {len(times)}: {statistics.median(times):.1f} s")
