@@ -287,6 +287,7 @@ async def import_numbers(
         await core.store.import_begin(sha, name)
     committer = _Committer(core, report, sha=sha, name=name, reason=reason, source=source, actor=actor)
     await committer.catch_up()  # the set at the store's head: the import's batches follow on from there
+    await committer.claim()
     count = workers or min(4, os.cpu_count() or 1)
     loop = asyncio.get_running_loop()
     pending: deque[asyncio.Future[_Block]] = deque()
@@ -323,6 +324,7 @@ async def import_numbers(
     if report.stopped is None:
         await core.store.import_finish(sha)
     await committer.catch_up()  # whatever the import left to the change feed, and the lease
+    await committer.release()
     return report
 
 
@@ -336,6 +338,8 @@ class _Committer:
         self._sha, self._name, self._reason, self._source, self._actor = sha, name, reason, source, actor
         self._now = datetime.now(UTC)
         self._visible: asyncio.Task[None] | None = None
+        self._owner = f"import-{uuid.uuid4().hex[:12]}"
+        self._lease_ms = int(core.settings.cache_lease_seconds * 1000)
 
     async def commit(self, block: _Block) -> bool:
         """Commit one block (and the file's progress with it); False when the file cannot be read past it."""
@@ -352,6 +356,7 @@ class _Committer:
         await self.flush()
         if batch.added and self._core.cache is not None and report.cache_error is None:
             self._visible = asyncio.create_task(self._make_visible(batch), name="import-redis")
+            await self.claim()
         if block.stopped is not None:
             report.stopped = block.stopped
             return False
@@ -361,7 +366,8 @@ class _Committer:
         assert self._core.cache is not None
         try:
             if await self._core.cache.add_imported(batch.added, added_at=self._now, reason=self._reason,
-                                                   source=self._source, after=batch.after_seq, last=batch.last_seq):
+                                                   source=self._source, after=batch.after_seq, last=batch.last_seq,
+                                                   lease_ms=self._lease_ms if self._core.cache_sync else 0):
                 self._report.cache_by_import += 1
             else:
                 await self.catch_up()  # another change came in between: catch up from the change feed
@@ -373,7 +379,26 @@ class _Committer:
         if self._core.cache_sync is None or self._report.cache_error is not None:
             return
         try:
-            await self._core.cache_sync.tick()
+            await self._core.cache_sync.tick(importing=True)
+        except CacheUnavailable as exc:
+            self._report.cache_error = str(exc)
+
+    async def claim(self) -> None:
+        """Keepers leave the change feed to the import while it writes its own changes (renewed per batch; it
+        lapses by itself if the import dies)."""
+        if self._core.cache is None or self._core.cache_sync is None or self._report.cache_error is not None:
+            return
+        try:
+            await self._core.cache.claim_import(self._owner, ttl_ms=10_000)
+        except CacheUnavailable as exc:
+            self._report.cache_error = str(exc)
+
+    async def release(self) -> None:
+        """Hand the change feed back to the keepers."""
+        if self._core.cache is None or self._report.cache_error is not None:
+            return
+        try:
+            await self._core.cache.release_import(self._owner)
         except CacheUnavailable as exc:
             self._report.cache_error = str(exc)
 

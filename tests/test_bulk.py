@@ -268,3 +268,17 @@ def test_import_killed_mid_file_is_finished_by_a_rerun(pg_dsn: str, redis_url: s
     assert redis_sync.scard(BLACKLIST_SET) == 400_001
     verify = subprocess.run([*cli, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and "chain intact: 400000 rows" in verify.stdout
+
+
+async def test_keepers_leave_the_feed_to_an_import_while_it_claims_it(core: Core, redis_sync: redis.Redis) -> None:
+    assert core.cache is not None and core.cache_sync is not None
+    await core.cache_sync.tick()
+    await core.cache.claim_import("import-x", ttl_ms=10_000)
+    await core.store.write([make_record("+14155550123")])
+    assert not await core.cache_sync.tick(), "a keeper does not re-apply what the import is writing"
+    assert int(redis_sync.get(BLACKLIST_SEQ) or 0) == 0
+    assert await core.cache_sync.tick(importing=True)  # the importer itself catches up
+    assert int(redis_sync.get(BLACKLIST_SEQ) or 0) == 1
+    await core.cache.release_import("import-x")
+    await core.store.write([make_record("+14155550124")])
+    assert await core.cache_sync.tick() and int(redis_sync.get(BLACKLIST_SEQ) or 0) == 2

@@ -1,6 +1,9 @@
 """`optout import` of N numbers into PostgreSQL + Redis, as the CLI runs it; prints figures, asserts nothing.
 
-    python tests/bench/bench_import.py [N] [e164|national] [RUNS]
+    python tests/bench/bench_import.py [N] [e164|national] [RUNS] [keeper]
+
+With `keeper`, an agent's cache keeper (CacheSync.run) runs beside the import, as in production, and reports
+how many changes it had to re-apply to Redis and the CPU it used.
 
 Targets (issue 15): 1,000,000 E.164 rows <= 10 s, 1,000,000 national rows <= 20 s, 10,000,000 E.164 rows
 <= 120 s with a peak RSS <= 500 MB (the import process and its workers, sampled from /proc every 50 ms).
@@ -28,6 +31,42 @@ from tests.bench.common import machine  # noqa: E402
 
 PG = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/optout_test")
 REDIS = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/15")
+
+
+KEEPER = """
+import asyncio, resource, signal
+from contextlib import AsyncExitStack
+from agent.core import open_core
+from agent.settings import Settings
+
+applied = rounds = 0
+
+async def main() -> None:
+    async with AsyncExitStack() as stack:
+        core = await open_core(Settings(), stack)
+        original, tick = core.cache.apply, core.cache_sync.tick
+
+        async def counting(changes, **kw):
+            global applied
+            applied += len(changes)
+            return await original(changes, **kw)
+
+        async def counted_tick():
+            global rounds
+            rounds += 1
+            return await tick()
+
+        core.cache.apply, core.cache_sync.tick = counting, counted_tick
+        task = asyncio.create_task(core.cache_sync.run())
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        task.cancel()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"keeper beside it: {rounds} rounds, {applied:,} changes re-applied, CPU {ru.ru_utime + ru.ru_stime:.1f} s")
+
+asyncio.run(main())
+"""
 
 
 def write_file(path: Path, n: int, kind: str) -> None:
@@ -82,7 +121,7 @@ def run_once(path: Path, env: dict[str, str]) -> tuple[float, int, str, int]:
     return elapsed, peak, (out.strip() or err.strip()[-300:]), proc.returncode
 
 
-def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
+def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3, keeper: bool = False) -> None:
     r = redis.Redis.from_url(REDIS, socket_timeout=60)
     times: list[float] = []
     print(f"machine: {machine()}")
@@ -100,7 +139,13 @@ def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
             try:
                 subprocess.run([sys.executable, "-m", "agent.cli", "migrate"], env=env, check=True,
                                capture_output=True)
+                beside = subprocess.Popen([sys.executable, "-c", KEEPER], env=env, stdout=subprocess.PIPE,
+                                          text=True) if keeper else None
                 elapsed, peak, out, code = run_once(path, env)
+                if beside is not None:
+                    time.sleep(1)
+                    beside.terminate()
+                    print(beside.communicate(timeout=30)[0].strip())
                 with psycopg.connect(dsn) as conn:
                     rows = conn.execute("SELECT count(*) FROM blacklist").fetchone()
                 times.append(elapsed)
@@ -116,4 +161,4 @@ def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000, sys.argv[2] if len(sys.argv) > 2 else "e164",
-         int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+         int(sys.argv[3]) if len(sys.argv) > 3 else 3, len(sys.argv) > 4 and sys.argv[4] == "keeper")
