@@ -23,11 +23,13 @@ from redis.exceptions import RedisError
 
 from agent.constants import (
     ACTION_TTL_SECONDS,
+    BLACKLIST_IMPORTING,
     BLACKLIST_SENTINEL,
     BLACKLIST_SEQ,
     BLACKLIST_SET,
     BLACKLIST_SYNCED,
     PENDING_TTL_SECONDS,
+    Source,
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
@@ -62,6 +64,29 @@ redis.call('SET', KEYS[1], ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3])) end
 return 1
 """
+# An import batch's own changes, applied by the importer when the set is right before them (the same
+# compare-and-set as _APPLY, so the keeper need not re-apply them). KEYS: seq, set, then each number's entry
+# key. ARGV: expected seq, new seq ('' = leave it), the entry JSON before and after the number, sentinel,
+# lease ms (0 = leave it), then the numbers.
+_ADD_IMPORTED = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+local entries = {unpack(KEYS, 4)}
+local found = redis.call('MGET', unpack(entries))
+local pairs = {}
+for i = 1, #entries do
+  if not found[i] then
+    pairs[#pairs + 1] = entries[i]
+    pairs[#pairs + 1] = ARGV[3] .. ARGV[6 + i] .. ARGV[4]
+  end
+end
+redis.call('SADD', KEYS[2], ARGV[5], unpack(ARGV, 7))
+if #pairs > 0 then redis.call('MSET', unpack(pairs)) end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2])
+  if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[6])) end
+end
+return 1
+"""
 # KEYS: set, entry, pending. ARGV: phone, removal ms.
 _RETRACT = """
 local accepted = redis.call('GET', KEYS[3])
@@ -86,6 +111,8 @@ class CacheState:
     set_exists: bool
     lease: int | None
     """The sequence the lease vouches for (None: no lease, nobody proved the set current lately)."""
+    importing: bool = False
+    """A bulk import is applying its own changes (and renewing the lease): keepers wait."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,7 @@ class RedisCache(Resource):
         self._apply = self._redis.register_script(_APPLY)
         self._renew = self._redis.register_script(_RENEW)
         self._retract = self._redis.register_script(_RETRACT)
+        self._add_imported = self._redis.register_script(_ADD_IMPORTED)
         self._closed = False
 
     async def close(self) -> None:
@@ -181,8 +209,9 @@ class RedisCache(Resource):
         pipe.get(BLACKLIST_SEQ)
         pipe.exists(BLACKLIST_SET)
         pipe.get(BLACKLIST_SYNCED)
-        seq, exists, lease = await self._execute(pipe)
-        return CacheState(_int(seq), bool(exists), _int(lease))
+        pipe.exists(BLACKLIST_IMPORTING)
+        seq, exists, lease, importing = await self._execute(pipe)
+        return CacheState(_int(seq), bool(exists), _int(lease), bool(importing))
 
     async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int) -> bool:
         """Apply store changes in order if the set is still at `expected`, then mark it at `new` (and renew
@@ -228,17 +257,47 @@ class RedisCache(Resource):
         pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
         await self._execute(pipe)
 
-    async def add_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: str, chunk: int = 5000
-    ) -> None:
-        """Bulk form of add_entries for numbers sharing one addedAt, reason and source (imports)."""
-        common = json.dumps({"addedAt": added_at.isoformat(), "reason": reason, "source": source})[1:]
+    async def add_imported(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, after: int, last: int,
+        lease_ms: int = 0, chunk: int = 2000,
+    ) -> bool:
+        """Make an import batch's new numbers visible (set member, entry unless one exists) if the set is at
+        `after`, the change sequence right before the batch, and then mark it at `last`, its last change: the
+        import keeps `blacklist:seq` moving, so the keeper has nothing to re-apply. Each chunk is one short
+        script (Redis is never held long). With `lease_ms`, the lease is renewed as the keeper renews it after
+        applying the feed up to the head it read (the batch's commit was the head). False when the set is
+        elsewhere (another writer's change came in between): nothing more is written, and the change feed
+        applies the batch."""
+        marker = "\x00"
+        entry = BlacklistEntry(phone_number=marker, added_at=added_at, reason=reason, source=source).to_json()
+        before, _, behind = entry.partition(json.dumps(marker)[1:-1])
         for i in range(0, len(numbers), chunk):
             part = numbers[i : i + chunk]
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.sadd(BLACKLIST_SET, *part)
-            pipe.mset({blacklist_entry_key(n): f'{{"phoneNumber":"{n}",{common}' for n in part})
-            await self._execute(pipe)
+            final = i + chunk >= len(numbers)
+            try:
+                done = await self._add_imported(
+                    keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED, *(blacklist_entry_key(n) for n in part)],
+                    args=[str(after), str(last) if final else "", before, behind, BLACKLIST_SENTINEL, lease_ms,
+                          *part])
+            except (RedisError, OSError) as exc:
+                raise CacheUnavailable(f"Redis: adding imported numbers failed: {exc}") from exc
+            if not done:
+                return False
+        return True
+
+    async def claim_import(self, owner: str, *, ttl_ms: int) -> None:
+        """Tell keepers an import is applying its own changes (`BLACKLIST_IMPORTING`, for `ttl_ms`)."""
+        try:
+            await self._redis.set(BLACKLIST_IMPORTING, owner, px=ttl_ms)
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def release_import(self, owner: str) -> None:
+        try:
+            if await self._redis.get(BLACKLIST_IMPORTING) == owner:
+                await self._redis.delete(BLACKLIST_IMPORTING)
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
 
     async def new_rebuild_key(self) -> str:
         key = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"

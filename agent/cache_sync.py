@@ -74,14 +74,18 @@ class CacheSync:
                 delay = backoff.delay(exc)
             await asyncio.sleep(delay)
 
-    async def tick(self) -> bool:
-        """One round; True when the lease was renewed (the set is proven current)."""
+    async def tick(self, *, importing: bool = False) -> bool:
+        """One round; True when the lease was renewed (the set is proven current). While a bulk import
+        applies its own changes (and renews the lease), the round leaves the feed to it, unless `importing`
+        (the importer itself catching up)."""
         self.current = False
         if self.dirty:
             await self.repush_pending()
         state = await self._cache.state()
         if state.seq is None or not state.set_exists:
             await self.rebuild()
+            return False
+        if state.importing and not importing:
             return False
         seq = state.seq
         head = await self._store.head()

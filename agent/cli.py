@@ -8,6 +8,7 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from tqdm import tqdm
 
 from agent import admin, logs
 from agent.constants import Source
@@ -76,30 +78,48 @@ async def cmd_remove(core: Core, args: argparse.Namespace) -> int:
 
 
 async def cmd_import(core: Core, args: argparse.Namespace) -> int:
-    tty = sys.stderr.isatty()
+    started = time.monotonic()
+    # A bar on a terminal only (rows/s, % of the file read, ETA); a pipe or log file gets the summary alone.
+    bar = tqdm(total=1, unit="B", unit_scale=True, file=sys.stderr, disable=not sys.stderr.isatty(),
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix} ETA {remaining}", desc="import")
 
-    def progress(done: int) -> None:
-        if tty:
-            print(f"\rimported {done:,} rows", end="", file=sys.stderr, flush=True)
+    def progress(p: admin.ImportProgress) -> None:
+        rate = p.rows / max(time.monotonic() - started, 1e-6)
+        bar.total = p.total_bytes
+        bar.set_postfix_str(f"{p.rows:,} rows, {rate:,.0f} rows/s", refresh=False)
+        bar.update(p.done_bytes - bar.n)
 
-    with open(args.file, "rb") as fh:  # noqa: ASYNC230 - streamed, CLI only
-        report = await admin.import_numbers(
-            core, fh, source=Source(args.source), reason=args.reason, actor=_actor(), progress=progress
-        )
-    if tty:
-        print(file=sys.stderr)
-    for lineno, problem in report.bad[:1000]:
+    report = admin.ImportReport()
+    try:
+        with open(args.file, "rb") as fh:  # noqa: ASYNC230 - streamed, CLI only
+            await admin.import_numbers(
+                core, fh, name=os.path.basename(args.file), source=Source(args.source), reason=args.reason,
+                actor=_actor(), progress=progress, restart=args.restart, report=report,
+            )
+    except (asyncio.CancelledError, OptOutError):
+        bar.close()
+        print(f"import stopped: committed through line {report.last_line:,} of {args.file} (added {report.added:,}"
+              " in this run); run the same command again to resume there", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    if report.resumed_after:
+        print(f"{args.file}: resumed after line {report.resumed_after:,} (committed by an earlier run that was "
+              f"interrupted, {report.added_before:,} numbers added then)", file=sys.stderr)
+    for lineno, problem in report.bad:
         print(f"{args.file}:{lineno}: {problem}", file=sys.stderr)
-    if len(report.bad) > 1000:
-        print(f"... and {len(report.bad) - 1000} more bad rows", file=sys.stderr)
+    if report.bad_count > len(report.bad):
+        print(f"... and {report.bad_count - len(report.bad)} more bad rows", file=sys.stderr)
     if report.stopped:
         print(f"error: {args.file}: {report.stopped}; {report.added} numbers were committed before it",
               file=sys.stderr)
     if report.cache_error:
         print(f"warning: Redis not updated ({report.cache_error}); the agent's cache sync adds them",
               file=sys.stderr)
-    print(f"read {report.read}, added {report.added}, already listed {report.already}, bad {len(report.bad)}")
-    return EXIT_ERROR if report.bad or report.stopped else EXIT_OK
+    elapsed = time.monotonic() - started
+    print(f"read {report.read}, added {report.added}, already listed {report.already}, bad {report.bad_count}"
+          f" ({elapsed:.1f} s{f', resumed after line {report.resumed_after}' if report.resumed_after else ''})")
+    return EXIT_ERROR if report.bad_count or report.stopped else EXIT_OK
 
 
 async def cmd_export(core: Core, args: argparse.Namespace) -> int:
@@ -107,8 +127,10 @@ async def cmd_export(core: Core, args: argparse.Namespace) -> int:
         chunks = admin.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix)
     else:
         chunks = admin.export_csv(core)
+    out = sys.stdout.buffer
     async for chunk in chunks:
-        sys.stdout.write(chunk)
+        out.write(chunk)
+    out.flush()
     return EXIT_OK
 
 
@@ -245,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", metavar="FILE")
     i.add_argument("--source", choices=[s.value for s in Source], default=Source.ADMIN_IMPORT.value)
     i.add_argument("--reason", default="imported")
+    i.add_argument("--restart", action="store_true",
+                   help="start from line 1 even if an earlier run of this file was interrupted (default: resume)")
     e = sub.add_parser("export", help="the blacklist as CSV on stdout (--audit: the audit trail)")
     e.add_argument("--audit", action="store_true", help="export audit rows instead of the blacklist")
     e.add_argument("--campaign", help="with --audit: only this campaign")

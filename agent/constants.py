@@ -13,6 +13,9 @@ the lease time, that the set holds every change the store has. Readers trust a "
 exists; it expires by itself when nobody checks."""
 BLACKLIST_SEQ = "blacklist:seq"
 """The store sequence (audit row id) of the last change applied to the set (permanent)."""
+BLACKLIST_IMPORTING = "blacklist:importing"
+"""Present (short TTL, renewed per batch) while a bulk import applies its own changes to the set: keepers
+leave the change feed to it meanwhile, instead of re-applying a million rows it is writing anyway."""
 BLACKLIST_SENTINEL = "~sentinel"
 """A member the set always holds, so an empty blacklist still has a set and a missing set means "lost"."""
 ACTION_TTL_SECONDS = 24 * 3600
@@ -50,6 +53,8 @@ def campaign_counter_key(campaign_id: str) -> str:
 
 # --- Database ------------------------------------------------------------------------------------------
 TABLE_SCHEMA_VERSION = "optout_schema_version"
+TABLE_IMPORTS = "optout_imports"
+"""How far each bulk import file (by SHA-256) was committed: a re-run resumes there."""
 CHAIN_LOCK = 0x0F7_0A8
 """pg_advisory_xact_lock key every writer of the audit trail takes: one chain, appended in commit order."""
 

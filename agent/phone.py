@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+from functools import cache
 
 import phonenumbers
 
@@ -52,6 +54,71 @@ def normalise(raw: object, *, region: str, field: str = "phoneNumber") -> str:
     if not text.startswith("+") and not phonenumbers.is_valid_number(parsed):
         _warn_region(text, e164, region)
     return e164
+
+
+_CANONICAL = re.compile(r"\+([1-9][0-9]{2,16})", re.ASCII)
+
+
+@cache
+def _e164_table() -> dict[str, tuple[frozenset[int], re.Pattern[str] | None] | None]:
+    """Country calling code (as text) -> (lengths a national number may have, the national prefix `parse`
+    would try to strip, if any). Built once from phonenumbers' metadata, as `is_possible_number_with_reason`
+    reads it: the general description's possible lengths, local-only lengths excluded."""
+    table: dict[str, tuple[frozenset[int], re.Pattern[str] | None] | None] = {}
+    for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        region = phonenumbers.region_code_for_country_code(code)
+        meta = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+        if meta is None or meta.general_desc is None:
+            table[str(code)] = None  # a code without metadata: the full parse decides
+            continue
+        lengths = frozenset(meta.general_desc.possible_length) - frozenset(
+            meta.general_desc.possible_length_local_only or ())
+        prefix = meta.national_prefix_for_parsing
+        table[str(code)] = (frozenset(n for n in lengths if n > 0), re.compile(prefix) if prefix else None)
+    return table
+
+
+def canonical_e164(text: str) -> str | None:
+    """`text` itself when it is already canonical E.164 that `normalise` would return unchanged (a known
+    country code, a possible length, nothing `parse` would strip); None when it needs the full parse.
+
+    A cheap check (no parsing): imports of E.164 files spend their time here rather than in phonenumbers.
+    """
+    match = _CANONICAL.fullmatch(text)
+    if match is None:
+        return None
+    digits = match.group(1)
+    table = _e164_table()
+    for size in (1, 2, 3):
+        code = digits[:size]
+        if code not in table:
+            continue
+        # phonenumbers takes the first prefix that is a country code, as here.
+        entry = table[code]
+        if entry is None:
+            return None
+        national = digits[size:]
+        lengths, prefix = entry
+        if len(national) not in lengths or (prefix is not None and prefix.match(national)):
+            return None
+        return text
+    return None
+
+
+def normalise_many(rows: list[str], *, region: str, field: str = "phoneNumber") -> list[str | InvalidPhoneNumber]:
+    """`normalise` of each row (its E.164 form or its problem), the canonical ones by the cheap check."""
+    out: list[str | InvalidPhoneNumber] = []
+    append = out.append
+    for raw in rows:
+        text = raw.strip()
+        if text.startswith("+") and (e164 := canonical_e164(text)) is not None:
+            append(e164)
+            continue
+        try:
+            append(normalise(raw, region=region, field=field))
+        except InvalidPhoneNumber as exc:
+            append(exc)
+    return out
 
 
 def _warn_region(text: str, e164: str, region: str) -> None:

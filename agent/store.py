@@ -165,6 +165,36 @@ def change_of(row: Sequence[Any]) -> Change:
                   visible=bool(visible))
 
 
+@dataclass(frozen=True)
+class ImportMark:
+    """Where a file import stands, committed with each batch (`optout_imports`, keyed by the file's SHA-256)."""
+
+    sha256: str
+    name: str
+    last_line: int = 0
+    """The last line of the file whose rows are committed (a re-run resumes after it)."""
+    added: int = 0
+    bad: int = 0
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class ImportBatch:
+    """What one import batch committed."""
+
+    added: list[str]
+    """Numbers new to the blacklist, one audit row each."""
+    after_seq: int
+    """The change sequence (audit row id) before the batch: every change in (after_seq, last_seq] is its own."""
+    last_seq: int
+
+
+def import_template(*, at: datetime, actor: str, reason: str, source: Source) -> dict[str, Any]:
+    """The audit row every number of an import batch shares (event id and number filled per number)."""
+    return admin_row(event_id="", phone_number="", outcome=Outcome.BLACKLISTED, at=at, recorded_at=at,
+                     actor=actor, reason=reason, source=source)
+
+
 class Store(Resource, ABC):
     """The system of record: blacklist, audit trail, campaign counts. An async context manager."""
 
@@ -220,11 +250,46 @@ class Store(Resource, ABC):
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
         """Note when the cache made opt-outs visible whose writer could not (event id, time)."""
 
-    @abstractmethod
     async def import_numbers(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
     ) -> int:
         """Add E.164 numbers in bulk (admin import), each new one audited; returns how many were new."""
+        batch = await self.import_batch(numbers, added_at=added_at, reason=reason, source=source, actor=actor)
+        return len(batch.added)
+
+    @abstractmethod
+    async def import_batch(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str,
+        mark: ImportMark | None = None,
+    ) -> ImportBatch:
+        """Add E.164 numbers in one transaction at the storage's bulk speed: the new ones to the blacklist,
+        one chained audit row each (under the chain lock); with `mark`, the file's progress moves to
+        `mark.last_line` (adding its added and bad counts) in the same transaction. Raises StoreUnavailable /
+        StoreRejected as `write` does."""
+
+    @abstractmethod
+    async def import_state(self, sha256: str) -> ImportMark | None:
+        """How far the import of the file with this SHA-256 got (None: never started)."""
+
+    @abstractmethod
+    async def import_begin(self, sha256: str, name: str) -> None:
+        """Start (or start over) the import of a file: its progress is set back to nothing."""
+
+    @abstractmethod
+    async def import_finish(self, sha256: str) -> None:
+        """Mark the file's import complete (a re-run starts from the beginning again)."""
+
+    def blacklist_csv(self) -> AsyncIterator[bytes] | None:
+        """The blacklist as CSV rows (no header) streamed by the database itself, or None when this store
+        has no faster way than `entries` (the caller formats those)."""
+        return None
+
+    def actions_csv(
+        self, columns: Sequence[str], *, campaign_id: str | None, number_prefix: str | None,
+    ) -> AsyncIterator[bytes] | None:
+        """Audit rows as CSV of `columns` (no header) streamed by the database itself, or None (see
+        `blacklist_csv`)."""
+        return None
 
     @abstractmethod
     async def history(self, phone_number: str) -> list[dict[str, Any]]:

@@ -16,18 +16,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import audit
-from agent.constants import CHANGE_OUTCOMES, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.constants import CHANGE_OUTCOMES, TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
 from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.sqlite_db import SqliteDb, transaction
 from agent.store import (
     Change,
+    ImportBatch,
+    ImportMark,
     Removal,
     Store,
     StoreResult,
     WritePlan,
     admin_row,
     change_of,
+    import_template,
     metadata_json,
     migrations,
     plan_write,
@@ -37,6 +40,8 @@ T = TypeVar("T")
 _ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
 _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                   f"VALUES ({', '.join(f':{c}' for c in _ROW_COLUMNS)})")
+_INSERT_ACTION_ROW = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
+                      f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)})")
 _CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
 
 
@@ -195,25 +200,67 @@ class SqliteStore(Store):
             conn.execute(_INSERT_ACTION, _params(row))
         return True
 
-    async def import_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
-    ) -> int:
-        return await self._run(self._import, list(numbers), added_at, reason, source, actor)
+    async def import_batch(
+        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str,
+        mark: ImportMark | None = None,
+    ) -> ImportBatch:
+        return await self._run(self._import, list(numbers), added_at, reason, source, actor, mark)
 
     def _import(self, conn: sqlite3.Connection, numbers: list[str], added_at: datetime, reason: str,
-                source: Source, actor: str) -> int:
+                source: Source, actor: str, mark: ImportMark | None) -> ImportBatch:
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
-        now = datetime.now(UTC)
         with transaction(conn):
-            head = self._read(conn, [], [])[2]
-            new = [n for n in dict.fromkeys(numbers) if conn.execute(
-                "INSERT INTO blacklist (phone_number, added_at, reason, source) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (phone_number) DO NOTHING", (n, ts(added_at), reason, source.value)).rowcount == 1]
-            rows = [admin_row(event_id=prefix + n, phone_number=n, outcome=Outcome.BLACKLISTED, at=now,
-                              recorded_at=now, actor=actor, reason=reason, source=source) for n in new]
-            audit.chain(rows, head)
-            conn.executemany(_INSERT_ACTION, [_params(r) for r in rows])
-        return len(new)
+            last = conn.execute("SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone()
+            after, head = (int(last[0]), last[1]) if last else (0, None)
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS import_stage (phone_number TEXT)")
+            conn.execute("DELETE FROM import_stage")
+            conn.executemany("INSERT INTO import_stage (phone_number) VALUES (?)", ((n,) for n in numbers))
+            new = [r[0] for r in conn.execute(
+                "INSERT INTO blacklist (phone_number, added_at, reason, source)"
+                " SELECT DISTINCT phone_number, ?, ?, ? FROM import_stage WHERE TRUE"
+                " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
+                (ts(added_at), reason, source.value)).fetchall()]
+            conn.execute("DELETE FROM import_stage")
+            seq = after
+            if new:
+                template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
+                rows = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
+                values = list(_params(template).values())
+                phone_at = _ROW_COLUMNS.index("phone_number")
+                conn.executemany(_INSERT_ACTION_ROW, (
+                    (e, *values[1:phone_at], p, *values[phone_at + 1 : -2], prev, h) for e, p, prev, h in rows))
+                seq = int(conn.execute("SELECT max(id) FROM optout_actions").fetchone()[0])
+            if mark is not None:
+                conn.execute(
+                    f"UPDATE {TABLE_IMPORTS} SET last_line = ?, added = added + ?, bad = bad + ?,"
+                    " updated_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE file_sha256 = ?",
+                    (mark.last_line, len(new), mark.bad, mark.sha256))
+        return ImportBatch(new, after, seq)
+
+    async def import_state(self, sha256: str) -> ImportMark | None:
+        row = await self._run(lambda c: c.execute(
+            f"SELECT file_name, last_line, added, bad, finished_at IS NOT NULL FROM {TABLE_IMPORTS}"
+            " WHERE file_sha256 = ?", (sha256,)).fetchone())
+        return ImportMark(sha256, row[0], int(row[1]), int(row[2]), int(row[3]), bool(row[4])) if row else None
+
+    async def import_begin(self, sha256: str, name: str) -> None:
+        def begin(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute(
+                    f"INSERT INTO {TABLE_IMPORTS} (file_sha256, file_name) VALUES (?, ?) ON CONFLICT (file_sha256)"
+                    " DO UPDATE SET file_name = excluded.file_name, last_line = 0, added = 0, bad = 0,"
+                    " started_at = excluded.started_at, updated_at = excluded.updated_at, finished_at = NULL",
+                    (sha256, name))
+
+        await self._run(begin)
+
+    async def import_finish(self, sha256: str) -> None:
+        def finish(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute(f"UPDATE {TABLE_IMPORTS} SET finished_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
+                             " WHERE file_sha256 = ?", (sha256,))
+
+        await self._run(finish)
 
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
         def note(conn: sqlite3.Connection) -> None:

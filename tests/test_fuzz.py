@@ -132,15 +132,24 @@ def test_masking_leaves_no_full_number_in_any_shape(number: str, before: str, af
 def test_any_import_lines_give_a_number_or_a_named_problem_per_line(lines: list[bytes]) -> None:
     import io
 
-    from agent.admin import file_lines, read_numbers
-    from agent.errors import InvalidInput
+    from agent.admin import _parse_block, file_blocks
 
     data = b"phone\n" + b"\n".join(lines) + b"\n"
-    seen = []
-    for lineno, value in read_numbers(file_lines(io.BytesIO(data))):
-        seen.append(lineno)
-        assert isinstance(value, str) or (isinstance(value, InvalidInput) and value.field)
-    assert seen == sorted(seen) and all(n >= 2 for n in seen)
+    blocks = file_blocks(io.BytesIO(data))
+    column = next(blocks)
+    seen: list[int] = []
+    good = 0
+    for item in blocks:
+        assert isinstance(item, tuple)
+        first, chunk, end = item
+        block = _parse_block(first, chunk, end, None if column == -1 else int(column), "IL")
+        good += len(block.good)
+        seen += [lineno for lineno, problem in block.bad]
+        assert all(problem.startswith("field ") for _, problem in block.bad)
+        assert all(number.startswith("+") for number in block.good)
+        assert block.rows == len(block.good) + len(block.bad)
+    assert seen == sorted(seen) and all(2 <= n <= len(lines) + 1 for n in seen)
+    assert good + len(seen) == sum(1 for line in lines if line.decode("utf-8", "replace").strip())
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
