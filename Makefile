@@ -56,12 +56,14 @@ faults: install services asterisk
 run: install
 	@bash asterisk-docker/run-local.sh
 
+# Benchmarks print figures (they assert nothing); bench_ari writes tests/bench/results/ari.json and ari.png.
 bench: install services asterisk
-	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_ari.py
+	@$(WITH_TEST_ENV) BENCH_PROFILE=1 $(PY) tests/bench/bench_ari.py
 	$(PY) tests/bench/bench_pipeline.py
 	$(PY) tests/bench/bench_precheck.py
 	@$(WITH_TEST_ENV) $(PY) tests/bench/bench_agi_ami.py
 	$(PY) tests/bench/bench_import.py
+	$(PY) tests/bench/bench_export.py
 	$(PY) tests/bench/bench_sns.py
 
 # Container images (Podman): builds the Asterisk, agent and Lambda images and smoke-tests them together.

@@ -148,6 +148,23 @@ def admin_row(*, event_id: str, phone_number: str | None, outcome: Outcome, at: 
     return row
 
 
+def action_filters(
+    *, campaign_id: str | None, number_prefix: str | None, since: Any, until: Any, mark: str
+) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses (with `mark` as the dialect's placeholder) and parameters of `Store.actions`."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for clause, value in (("a.campaign_id = {m}", campaign_id), ("a.recorded_at >= {m}", since),
+                          ("a.recorded_at < {m}", until)):
+        if value is not None:
+            clauses.append(clause.format(m=mark))
+            params.append(value)
+    if number_prefix is not None:
+        clauses.append(f"substr(a.phone_number, 1, {mark}) = {mark}")
+        params += [len(number_prefix), number_prefix]
+    return clauses, params
+
+
 def change_of(row: Sequence[Any]) -> Change:
     """A change feed row: (id, phone, outcome, received_at, reason, source, call, campaign, contact, pressed_at,
     event_id, visible) -> Change. Timestamps may come as datetimes (PostgreSQL) or text (SQLite)."""

@@ -35,6 +35,7 @@ from agent.store import (
     Store,
     StoreResult,
     WritePlan,
+    action_filters,
     admin_row,
     change_of,
     import_template,
@@ -460,20 +461,9 @@ class PostgresStore(Store):
         self, *, campaign_id: str | None = None, number_prefix: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        clauses: list[str] = ["TRUE"]
-        params: list[Any] = []
-        if campaign_id is not None:
-            clauses.append("a.campaign_id = %s")
-            params.append(campaign_id)
-        if number_prefix is not None:
-            clauses.append("a.phone_number LIKE %s")
-            params.append(number_prefix.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%")
-        if since is not None:
-            clauses.append("a.recorded_at >= %s")
-            params.append(since)
-        if until is not None:
-            clauses.append("a.recorded_at < %s")
-            params.append(until)
+        clauses, params = action_filters(campaign_id=campaign_id, number_prefix=number_prefix, since=since,
+                                         until=until, mark="%s")
+        clauses.insert(0, "TRUE")
         async with self._tx(streaming=True) as conn, conn.cursor(
             name=f"act_{uuid.uuid4().hex[:8]}", row_factory=dict_row
         ) as cur:

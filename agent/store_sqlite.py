@@ -28,6 +28,7 @@ from agent.store import (
     Store,
     StoreResult,
     WritePlan,
+    action_filters,
     admin_row,
     change_of,
     import_template,
@@ -313,20 +314,9 @@ class SqliteStore(Store):
         self, *, campaign_id: str | None = None, number_prefix: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        clauses: list[str] = ["a.id > ?"]
-        params: list[Any] = []
-        if campaign_id is not None:
-            clauses.append("a.campaign_id = ?")
-            params.append(campaign_id)
-        if number_prefix is not None:
-            clauses.append("substr(a.phone_number, 1, ?) = ?")
-            params += [len(number_prefix), number_prefix]
-        if since is not None:
-            clauses.append("a.recorded_at >= ?")
-            params.append(ts(since))
-        if until is not None:
-            clauses.append("a.recorded_at < ?")
-            params.append(ts(until))
+        clauses, params = action_filters(campaign_id=campaign_id, number_prefix=number_prefix, since=ts(since),
+                                         until=ts(until), mark="?")
+        clauses.insert(0, "a.id > ?")
         last = 0
         while True:
             page = await self._run(lambda c, after=last: _rows(c.execute(
