@@ -31,6 +31,8 @@ TIMESTAMP_COLUMNS = frozenset({
     "pressed_at", "received_at", "journaled_at", "visible_at", "hangup_requested_at", "hungup_at", "recorded_at",
 })
 JSON_COLUMNS = frozenset({"channel"})
+ROW_COLUMNS = (*HASHED_COLUMNS, "prev_hash", "row_hash")
+"""Every column a writer inserts into optout_actions (all but the id)."""
 
 
 def _norm(column: str, value: Any) -> Any:

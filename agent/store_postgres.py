@@ -45,7 +45,7 @@ from agent.store import (
 )
 
 _MIGRATION_LOCK = 0x0F7_0A7  # pg_advisory_xact_lock key: one migrator at a time
-_ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
+_ROW_COLUMNS = audit.ROW_COLUMNS
 _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                   f"VALUES ({', '.join(f'%({c})s' for c in _ROW_COLUMNS)})")
 

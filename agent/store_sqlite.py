@@ -38,7 +38,7 @@ from agent.store import (
 )
 
 T = TypeVar("T")
-_ROW_COLUMNS = (*audit.HASHED_COLUMNS, "prev_hash", "row_hash")
+_ROW_COLUMNS = audit.ROW_COLUMNS
 _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                   f"VALUES ({', '.join(f':{c}' for c in _ROW_COLUMNS)})")
 _INSERT_ACTION_ROW = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "

@@ -156,7 +156,9 @@ class BridgeHandler:
             log.warning("SNS message %s: invalid fields left out, the opt-out still applies: %s", message_id,
                         "; ".join(dropped), extra={"event_id": record.event_id})
         result = await self._pipeline.submit(record, hang_up=self._hang_up_for(parsed.event.call_id))
-        if message_id:
+        if message_id and result.status is Status.STORED:
+            # Only what the store holds: a JOURNALED copy may sit in a journal that never comes back (a Lambda's
+            # /tmp), and a pipeline DUPLICATE may be one of those; their redeliveries go through the pipeline.
             await self._dedupe.remember(message_id)
         kind = Disposition.DUPLICATE if result.status is Status.DUPLICATE else Disposition.APPLIED
         return Handled(kind, event_id=record.event_id, status=result.status, dropped=dropped)

@@ -6,6 +6,7 @@ ARI_URL, ARI_USERNAME, ARI_PASSWORD come from the environment (`make test` sourc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -141,18 +142,27 @@ async def intake(pipeline: OptOutPipeline) -> AsyncIterator[Intake]:
     await taken.drain(within=5.0)
 
 
-@pytest.fixture
-async def ari_agent(ari_env: AriEnv, intake: Intake) -> AsyncIterator[AriAgent]:
-    """A running ARI agent on the sandbox, storing into real PostgreSQL + Redis."""
+@contextlib.asynccontextmanager
+async def serving_ari(ari_env: AriEnv, intake: Intake) -> AsyncIterator[AriAgent]:
+    """A running ARI agent on the sandbox; on the way out its presses are drained and the sandbox is quiet."""
     async with AriAgent(url=ari_env.url, username=ari_env.username, password=ari_env.password, app=ari_env.app,
                         intake=intake) as agent:
         task = asyncio.create_task(agent.run(), name="ari-listener")
         await wait_connected(agent)
+        try:
+            yield agent
+        finally:
+            await intake.drain(within=5.0)
+            await quiet(ari_env)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def ari_agent(ari_env: AriEnv, intake: Intake) -> AsyncIterator[AriAgent]:
+    """A running ARI agent on the sandbox, storing into real PostgreSQL + Redis."""
+    async with serving_ari(ari_env, intake) as agent:
         yield agent
-        await intake.drain(within=5.0)
-        await quiet(ari_env)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def eventually(probe, *, within: float = 5.0, every: float = 0.05):  # type: ignore[no-untyped-def]

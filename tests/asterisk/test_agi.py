@@ -167,9 +167,25 @@ class AsteriskCalls:
 IVR_BY_NAME = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-plain-ivr"}
 
 
+def us_guard(pg_store: PostgresStore, cache: RedisCache) -> DialGuard:
+    return DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+
+
 @pytest.fixture
 def guard(pg_store: PostgresStore, cache: RedisCache) -> DialGuard:
-    return DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    return us_guard(pg_store, cache)
+
+
+@contextlib.asynccontextmanager
+async def serving_agi(intake: Intake, pg_store: PostgresStore, cache: RedisCache) -> AsyncIterator[AgiServer]:
+    """The FastAGI server with a US dial guard; presses and prevented-call records drained on the way out."""
+    guard = us_guard(pg_store, cache)
+    try:
+        async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard) as server:
+            yield server
+    finally:
+        await intake.drain(within=5.0)
+        await guard.drain(within=5.0)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -45,14 +46,23 @@ def make_agent(intake: Intake, *, contexts: frozenset[str] = frozenset({"optout-
                     ping_interval=ping_interval, action_timeout=1.0)
 
 
-@pytest.fixture
-async def ami(intake: Intake) -> AsyncIterator[AmiAgent]:
+@contextlib.asynccontextmanager
+async def serving_ami(intake: Intake) -> AsyncIterator[AmiAgent]:
+    """A connected AMI agent watching optout-plain-ivr; its presses are drained on the way out."""
     async with make_agent(intake) as agent:
         task = await running(agent)
+        try:
+            yield agent
+        finally:
+            await intake.drain(within=5.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def ami(intake: Intake) -> AsyncIterator[AmiAgent]:
+    async with serving_ami(intake) as agent:
         yield agent
-        await intake.drain(within=5.0)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.mark.parametrize("via", ["sip", "local"])

@@ -8,7 +8,6 @@ whose number nothing proves, the press is audited as number_unknown and no numbe
 
 from __future__ import annotations
 
-import asyncio
 import random
 import shutil
 import socket
@@ -166,24 +165,15 @@ async def test_agi_records_number_unknown_on_an_inbound_call_without_optout_numb
 
 @pytest.fixture
 async def ami(intake: Any) -> AsyncIterator[AmiAgent]:
-    from tests.asterisk.test_ami import make_agent, running
+    from tests.asterisk.test_ami import serving_ami
 
-    async with make_agent(intake) as agent:
-        task = await running(agent)
+    async with serving_ami(intake) as agent:
         yield agent
-        await intake.drain(within=5.0)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture
 async def agi(intake: Any, pg_store: PostgresStore, cache: Any) -> AsyncIterator[AgiServer]:
-    from agent.guard import DialGuard
-    from agent.precheck import BlacklistChecker
-    from tests.asterisk.test_agi import AGI_HOST, AGI_PORT
+    from tests.asterisk.test_agi import serving_agi
 
-    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
-    async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard) as server:
+    async with serving_agi(intake, pg_store, cache) as server:
         yield server
-    await intake.drain(within=5.0)
-    await guard.drain(within=5.0)

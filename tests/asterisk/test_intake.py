@@ -8,22 +8,19 @@ it, the store's write), with real PostgreSQL and Redis behind them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from agent.agi import AgiServer
-from agent.ari import AriAgent
-from agent.guard import DialGuard
 from agent.intake import Intake
 from agent.pipeline import OptOutPipeline
-from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
-from tests.asterisk.conftest import AriEnv, quiet, wait_connected
-from tests.asterisk.test_agi import AGI_HOST, AGI_PORT, AsteriskCalls, random_number
-from tests.asterisk.test_ami import make_agent, running
+from tests.asterisk.conftest import AriEnv, serving_ari
+from tests.asterisk.test_agi import AsteriskCalls, random_number, serving_agi
+from tests.asterisk.test_ami import serving_ami
 
 pytestmark = pytest.mark.asterisk
 
@@ -64,27 +61,15 @@ def effects(intake: Intake, pipeline: OptOutPipeline) -> Effects:
 async def way_in(request: pytest.FixtureRequest, ari_env: AriEnv, intake: Intake, pg_store: PostgresStore,
                  cache: Any) -> AsyncIterator[str]:
     way: str = request.param
+    serving: contextlib.AbstractAsyncContextManager[Any]
     if way == "ari":
-        async with AriAgent(url=ari_env.url, username=ari_env.username, password=ari_env.password, app=ari_env.app,
-                            intake=intake) as ari:
-            task = asyncio.create_task(ari.run())
-            await wait_connected(ari)
-            yield way
-            await intake.drain(within=5.0)
-            await quiet(ari_env)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        serving = serving_ari(ari_env, intake)
     elif way == "ami":
-        async with make_agent(intake) as ami:
-            task = await running(ami)
-            yield way
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        serving = serving_ami(intake)
     else:
-        guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
-        async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=intake, guard=guard):
-            yield way
-        await guard.drain(within=5.0)
+        serving = serving_agi(intake, pg_store, cache)
+    async with serving:
+        yield way
 
 
 async def press_once(calls: AsteriskCalls, way: str) -> str:

@@ -92,6 +92,23 @@ async def test_lambda_raises_when_the_store_is_down_so_lambda_retries(
         await asyncio.to_thread(handler, lambda_event(event_json()), None)
 
 
+async def test_a_retry_after_a_cold_start_stores_what_the_first_attempt_only_journaled(
+    lambda_env: None, monkeypatch: pytest.MonkeyPatch, pg_store: PostgresStore, pg_dsn: str, tmp_path: Path,
+) -> None:
+    """The first attempt's journal was in a /tmp that is gone; the same MessageId must still be applied."""
+    event = lambda_event(event_json())
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/x?connect_timeout=1")
+    with pytest.raises(NotStored):
+        await asyncio.to_thread(handler, event, None)
+
+    monkeypatch.setenv("DATABASE_URL", pg_dsn)
+    monkeypatch.setenv("OPTOUT_JOURNAL_PATH", str(tmp_path / "another-container.db"))
+    summary = await asyncio.to_thread(handler, event, None)
+
+    assert summary["applied"] == 1, summary
+    assert await pg_store.blacklisted([E164]) == {E164}
+
+
 # --- hanging up through the worker ------------------------------------------------------------
 
 
