@@ -58,11 +58,8 @@ async def remove(core: Core, number: str, *, reason: str, actor: str) -> tuple[b
     removed = await core.store.remove(removal)
     note = None
     if removed and core.cache_sync is not None and core.cache is not None:
-        # Removals reach Redis through the store's change feed, in order (agent/cache_sync.py); the number is
-        # also taken out directly, unless an opt-out of it was accepted since.
         try:
-            await core.cache_sync.tick()
-            await core.cache.retract(e164, at=removal.at)
+            await core.cache_sync.settle_removal(removal)
         except OptOutError as exc:
             note = f"Redis not updated now ({exc}); the agent's cache sync applies the removal"
     return removed, note

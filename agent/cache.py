@@ -1,9 +1,10 @@
 """Redis: the keys the dialers' pre-dial check reads. The store is the system of record.
 
-Keys (agent/constants.py): the set `blacklist:numbers` (always holding a sentinel member, so a missing set
-means the data was lost), the entries `blacklist:{phone}`, `blacklist:seq` (the store change the set holds
-up to) and the lease `blacklist:synced` (present only while an agent has recently proven the set current;
-readers trust a "clear" answer only while it exists). Changes from the store's feed are applied by one
+Keys (agent/constants.py): the set `blacklist:numbers` (holding a sentinel member that only a rebuild from
+the store puts there, so a set without it was lost, even when a later write re-created it), the entries
+`blacklist:{phone}`, `blacklist:seq` (the store change the set holds up to) and the lease
+`blacklist:synced` (present only while an agent has recently proven the set current; readers trust a
+"clear" answer only while it exists). Changes from the store's feed are applied by one
 compare-and-set script, so keepers in several agents never apply them out of order.
 
 The scripts touch several keys: Redis standalone or Sentinel (not Cluster).
@@ -42,11 +43,18 @@ from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import Change
 
 # KEYS: seq, set, lease, then per op its entry key and pending key. ARGV: expected seq ('' = none), new
-# seq, lease ms (0 = leave it), op count, sentinel, then per op: 'a'|'r', phone, entry json | removal ms.
+# seq, lease ms (0 = leave it), op count, sentinel, seal ('1': a rebuild has just loaded the whole store),
+# then per op: 'a'|'r', phone, entry json | removal ms. Without the sentinel the set was lost: only a
+# rebuild's seal may mark it at a sequence again.
 _APPLY = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+if ARGV[6] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[5])
+elseif redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then
+  return 0
+end
 for i = 1, tonumber(ARGV[4]) do
-  local base = 5 + 3 * (i - 1)
+  local base = 6 + 3 * (i - 1)
   local phone, payload = ARGV[base + 2], ARGV[base + 3]
   if ARGV[base + 1] == 'a' then
     redis.call('SADD', KEYS[2], phone)
@@ -59,7 +67,6 @@ for i = 1, tonumber(ARGV[4]) do
     end
   end
 end
-redis.call('SADD', KEYS[2], ARGV[5])
 redis.call('SET', KEYS[1], ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3])) end
 return 1
@@ -70,6 +77,7 @@ return 1
 # lease ms (0 = leave it), then the numbers.
 _ADD_IMPORTED = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then return 0 end
 local entries = {unpack(KEYS, 4)}
 local found = redis.call('MGET', unpack(entries))
 local pairs = {}
@@ -79,7 +87,7 @@ for i = 1, #entries do
     pairs[#pairs + 1] = ARGV[3] .. ARGV[6 + i] .. ARGV[4]
   end
 end
-redis.call('SADD', KEYS[2], ARGV[5], unpack(ARGV, 7))
+redis.call('SADD', KEYS[2], unpack(ARGV, 7))
 if #pairs > 0 then redis.call('MSET', unpack(pairs)) end
 if ARGV[2] ~= '' then
   redis.call('SET', KEYS[1], ARGV[2])
@@ -87,18 +95,10 @@ if ARGV[2] ~= '' then
 end
 return 1
 """
-# KEYS: set, entry, pending. ARGV: phone, removal ms.
-_RETRACT = """
-local accepted = redis.call('GET', KEYS[3])
-if accepted and tonumber(accepted) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-return 1
-"""
-# KEYS: seq, set, lease. ARGV: expected seq, lease ms.
+# KEYS: seq, set, lease. ARGV: expected seq, lease ms, sentinel.
 _RENEW = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then return 0 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
 return 1
 """
@@ -109,6 +109,7 @@ class CacheState:
     seq: int | None
     """The store change the set holds up to (None: unknown, the set must be rebuilt)."""
     set_exists: bool
+    """The set holds the sentinel (it was not lost since the last rebuild)."""
     lease: int | None
     """The sequence the lease vouches for (None: no lease, nobody proved the set current lately)."""
     importing: bool = False
@@ -151,7 +152,6 @@ class RedisCache(Resource):
         )
         self._apply = self._redis.register_script(_APPLY)
         self._renew = self._redis.register_script(_RENEW)
-        self._retract = self._redis.register_script(_RETRACT)
         self._add_imported = self._redis.register_script(_ADD_IMPORTED)
         self._closed = False
 
@@ -207,18 +207,20 @@ class RedisCache(Resource):
     async def state(self) -> CacheState:
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(BLACKLIST_SEQ)
-        pipe.exists(BLACKLIST_SET)
+        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
         pipe.get(BLACKLIST_SYNCED)
         pipe.exists(BLACKLIST_IMPORTING)
         seq, exists, lease, importing = await self._execute(pipe)
         return CacheState(_int(seq), bool(exists), _int(lease), bool(importing))
 
-    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int) -> bool:
-        """Apply store changes in order if the set is still at `expected`, then mark it at `new` (and renew
-        the lease when `lease_ms`). False when another agent moved it first (nothing applied)."""
+    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int,
+                    seal: bool = False) -> bool:
+        """Apply store changes in order if the set is still at `expected` and was not lost, then mark it at
+        `new` (and renew the lease when `lease_ms`). False when another agent moved it first or the set lost
+        its sentinel (nothing applied). `seal`: a rebuild has just loaded the whole store into the set."""
         keys = [BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED]
         args: list[str | int] = ["" if expected is None else str(expected), str(new), lease_ms, len(changes),
-                                 BLACKLIST_SENTINEL]
+                                 BLACKLIST_SENTINEL, "1" if seal else "0"]
         for change in changes:
             keys += [blacklist_entry_key(change.phone_number), pending_key(change.phone_number)]
             if change.op == "add":
@@ -235,18 +237,9 @@ class RedisCache(Resource):
         """Renew the lease if the set is (still) at `seq`."""
         try:
             return bool(await self._renew(keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED],
-                                          args=[str(seq), lease_ms]))
+                                          args=[str(seq), lease_ms, BLACKLIST_SENTINEL]))
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: renewing the lease failed: {exc}") from exc
-
-    async def retract(self, phone_number: str, *, at: datetime) -> bool:
-        """Take a removed number out of the set, unless an opt-out of it was accepted at or after `at`."""
-        try:
-            return bool(await self._retract(
-                keys=[BLACKLIST_SET, blacklist_entry_key(phone_number), pending_key(phone_number)],
-                args=[phone_number, _ms(at)]))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
 
     async def add_entries(self, entries: Sequence[BlacklistEntry], *, set_key: str = BLACKLIST_SET) -> None:
         """Set membership (in `set_key`) and entries; one pipelined round trip (keep batches moderate)."""
@@ -322,7 +315,7 @@ class RedisCache(Resource):
         """Membership of each number, with what is needed to trust a "clear" (see CacheAnswer.current)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(BLACKLIST_SYNCED)
-        pipe.exists(BLACKLIST_SET)
+        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
         pipe.smismember(BLACKLIST_SET, list(numbers))
         lease, exists, members = await self._execute(pipe)
         assert isinstance(members, list)

@@ -6,7 +6,8 @@ The keeper (`CacheSync.run`, in the agent and the bridge) closes that gap every 
 
 1. the journal's opt-outs that are not in the store yet go back into the set when this process's Redis
    write failed, or on start (they must stay visible whatever the store holds);
-2. a set or sequence that is missing is rebuilt from the store (adding only: a number another agent
+2. a set or sequence that is missing is rebuilt from the store (a set without the sentinel only a rebuild
+   adds was lost, even if a writer's SADD re-created it since) (adding only: a number another agent
    journaled but could not store yet is never taken out);
 3. otherwise the store's changes after `blacklist:seq` are applied in order, by compare-and-set, so
    keepers in many agents never apply them out of order; a removal never takes out a number whose
@@ -29,7 +30,7 @@ from agent.backoff import Backoff
 from agent.cache import RedisCache
 from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
 from agent.journal import Journal
-from agent.store import Store
+from agent.store import Change, Removal, Store
 
 log = logging.getLogger("agent.cache_sync")
 
@@ -105,6 +106,20 @@ class CacheSync:
         metrics.CACHE_CURRENT.set(1 if self.current else 0)
         return self.current
 
+    async def settle_removal(self, removal: Removal) -> None:
+        """Make a committed removal visible now. The feed applies it in order, but a rebuild (which only adds)
+        that read the store after the removal keeps the number: it is taken out here only when Redis is at
+        the store's head and the store no longer lists it (compare-and-set at that sequence, so any later
+        change is applied after it, and an opt-out accepted since keeps its pending mark)."""
+        await self.tick()
+        state = await self._cache.state()
+        if state.seq is None or not state.set_exists or state.seq < await self._store.head():
+            return  # the keeper applies the feed, in order
+        if await self._store.blacklisted([removal.phone_number]):
+            return  # opted out again, stored after the removal
+        change = Change(seq=state.seq, phone_number=removal.phone_number, op="remove", at=removal.at)
+        await self._cache.apply([change], expected=state.seq, new=state.seq, lease_ms=0)
+
     async def repush_pending(self) -> int:
         """Put this journal's not-yet-stored numbers back in the set; clears `dirty`."""
         numbers = await self._journal.pending_numbers() if self._journal is not None else []
@@ -135,7 +150,7 @@ class CacheSync:
                 key = None
             await self.repush_pending()
             state = await self._cache.state()
-            await self._cache.apply([], expected=state.seq, new=head, lease_ms=0)
+            await self._cache.apply([], expected=state.seq, new=head, lease_ms=0, seal=True)
         finally:
             if key is not None:
                 await self._cache.delete(key)

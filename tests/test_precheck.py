@@ -67,6 +67,64 @@ async def test_a_missing_set_means_not_synced(pg_store: PostgresStore, cache: Re
     assert redis_sync.sismember(BLACKLIST_SET, A) and redis_sync.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
 
 
+async def test_a_lost_set_that_a_write_re_created_is_still_lost(
+    pg_store: PostgresStore, cache: RedisCache, redis_sync: redis.Redis, journal: Journal
+) -> None:
+    await pg_store.write([make_record(A)])
+    sync = keeper(pg_store, cache)
+    await sync.tick()
+    assert await sync.tick()
+    redis_sync.delete(BLACKLIST_SET)  # lost; seq and the lease stay
+    # Before any keeper looks, a press re-creates the set, and another keeper applies the change feed.
+    pipeline = OptOutPipeline(journal=journal, store=pg_store, cache=cache)
+    assert (await pipeline.submit(make_record(B))).status is Status.STORED
+    seq = int(redis_sync.get(BLACKLIST_SEQ) or 0)
+    changes = await pg_store.changes(seq, await pg_store.head())
+    assert not await cache.apply(changes, expected=seq, new=await pg_store.head(), lease_ms=30_000), \
+        "a set without the sentinel must not be marked current"
+    assert not await cache.renew(seq, lease_ms=30_000)
+    checker = BlacklistChecker(store=pg_store, cache=cache, region="IL")
+    assert await checker.check([A, B], strict=True) == [True, True]
+    assert await checker.check([A, B]) == [True, True], "A is in the store: never clear"
+    await sync.tick()  # the keeper rebuilds it
+    assert redis_sync.smismember(BLACKLIST_SET, [A, B, BLACKLIST_SENTINEL]) == [1, 1, 1]
+
+
+async def test_a_removal_never_takes_out_an_optout_committed_after_it(
+    pg_store: PostgresStore, pg_dsn: str, redis_url: str, tmp_path: Path
+) -> None:
+    from contextlib import AsyncExitStack
+
+    from agent.admin import remove
+    from agent.core import open_core
+    from agent.settings import Settings
+
+    settings = Settings(database_url=pg_dsn, redis_url=redis_url, optout_default_region="IL",
+                        optout_journal_path=tmp_path / "journal.db")
+    async with AsyncExitStack() as stack:
+        core = await open_core(settings, stack)
+        assert core.cache_sync is not None
+        await core.pipeline.submit(make_record(A))
+        await core.cache_sync.tick()
+        assert await core.cache_sync.tick()
+        # An opt-out of A accepted before the removal, its store write landing right after it (a slow hangup).
+        late = make_record(A).model_copy(update={"event_id": "late-a", "received_at": datetime.now(UTC)})
+        await asyncio.sleep(0.01)
+        store_remove = core.store.remove
+
+        async def remove_then_late_write(removal: Removal) -> bool:
+            removed = await store_remove(removal)
+            await core.store.write([late])
+            return removed
+
+        core.store.remove = remove_then_late_write  # type: ignore[method-assign]
+        removed, note = await remove(core, A, reason="consent", actor="alice")
+        assert removed and note is None
+        assert await core.store.blacklisted([A]) == {A}, "the store holds the later opt-out"
+        assert await core.checker.check([A]) == [True], "Redis must not answer clear for what the store holds"
+        assert await core.checker.check([A], strict=True) == [True]
+
+
 async def test_a_second_writers_missed_redis_write_is_caught_up_and_never_answered_clear(
     pg_store: PostgresStore, cache: RedisCache, redis_sync: redis.Redis, tmp_path: Path
 ) -> None:
