@@ -3,11 +3,11 @@
 Long polling, ten messages at a time, handled concurrently, each on its own: one message that cannot be
 handled never stops the others or leaves the batch undeleted. A message is deleted once its opt-out is
 durable (stored, journaled or a duplicate) or was skipped as an agent's own event. A message that is not a
-valid opt-out (or that fails in a way retrying cannot fix) is logged at ERROR and left for the queue's
-redrive policy, which moves it to the dead-letter queue after maxReceiveCount receives; after
-POISON_RECEIVES receives it is deleted (ERROR log, `optout_rejected_total{origin="sns"}`), so a queue
-without a redrive policy does not loop on it forever. While a batch is being worked on, its visibility is
-extended.
+valid opt-out is logged at ERROR and left for the queue's redrive policy, which moves it to the dead-letter
+queue after maxReceiveCount receives; after POISON_RECEIVES receives it is deleted (ERROR log), so a queue
+without a redrive policy does not loop on it forever. A message whose handling failed in any other way may
+be a valid opt-out: it is never deleted, only left for a retry and the redrive policy. While a batch is
+being worked on, its visibility is extended.
 
 Trust: SQS envelopes are not signature-checked. Only principals the queue's IAM policy admits (the
 topic, through `aws:SourceArn`) can send to it, so that policy is the trust boundary; a SigningCertURL
@@ -139,6 +139,7 @@ class SqsPoller:
         try:
             note = unwrap(str(sqs_message.get("Body", "")), sqs_message.get("MessageAttributes"))
             if self._allowed and note.envelope and note.topic_arn not in self._allowed:
+                metrics.REJECTED.labels(Origin.SNS.value).inc()
                 raise EventRejected("TopicArn", f"{note.topic_arn!r} is not in BRIDGE_TOPIC_ARNS" if note.topic_arn
                                     else "missing from the SNS envelope, and BRIDGE_TOPIC_ARNS is set")
             handled: Handled = await self._handler.apply(
@@ -151,15 +152,16 @@ class SqsPoller:
             return False
         except EventRejected as exc:
             return self._poison(message_id, receives, f"not a valid opt-out: {exc}")
-        except Exception as exc:
-            log.exception("SQS message %s could not be handled", message_id)
-            return self._poison(message_id, receives, f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("SQS message %s could not be handled (receive %d); left for a retry and the redrive "
+                          "policy", message_id, receives)
+            return False
         finally:
             pending.discard(sqs_message["ReceiptHandle"])
 
     @staticmethod
     def _poison(message_id: object, receives: int, why: str) -> bool:
-        metrics.REJECTED.labels(Origin.SNS.value).inc()
+        """A message that is not a valid opt-out (counted in optout_rejected_total where it was refused)."""
         if receives >= POISON_RECEIVES:
             log.error("SQS message %s deleted after %d receives: %s", message_id, receives, why)
             return True

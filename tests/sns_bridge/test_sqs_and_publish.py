@@ -236,30 +236,34 @@ async def test_outbox_survives_a_restart(sqs: Any, wiring: Wiring, tmp_path: Any
 # --- hardening: one bad message never stalls a batch; no loops ------------------------------------------
 
 
-async def test_a_message_that_breaks_the_handler_does_not_stop_its_batch(
+async def test_a_message_that_breaks_the_handler_does_not_stop_its_batch_and_is_never_deleted(
     sns: Any, sqs: Any, wiring: Wiring, bridge_handler: BridgeHandler, pg_store: PostgresStore,
 ) -> None:
-    for n in range(3):
-        await sns.publish(TopicArn=wiring.topic_arn, Message=event_json(phoneNumber=f"+1415555012{n}"),
+    from sns_bridge.sqs import POISON_RECEIVES
+
+    numbers = [f"+1415555012{n}" for n in range(3)]
+    broken = numbers[1]
+    for number in numbers:
+        await sns.publish(TopicArn=wiring.topic_arn, Message=event_json(phoneNumber=number),
                           MessageAttributes={"origin": {"DataType": "String", "StringValue": "crm"}})
-    await sqs.send_message(QueueUrl=wiring.queue_url, MessageBody="[" * 50_000)  # nesting json cannot parse
     apply = bridge_handler.apply
-    calls = 0
 
     async def flaky(**kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise RuntimeError("a bug in the handler")
+        if broken in kwargs["message"]:
+            raise RuntimeError("a bug in the handler")  # a valid opt-out: it must never be deleted
         return await apply(**kwargs)
 
     bridge_handler.apply = flaky  # type: ignore[method-assign]
-    poller = SqsPoller(handler=bridge_handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1)
+    poller = SqsPoller(handler=bridge_handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1,
+                       visibility_timeout=1)
     deleted = 0
-    for _ in range(3):
+    for _ in range(POISON_RECEIVES + 2):
         deleted += await poller.poll_once(wait_seconds=1)
-    assert deleted >= 2
-    assert len(await pg_store.blacklisted([f"+1415555012{n}" for n in range(3)])) >= 2
+        await asyncio.sleep(1.1)
+    assert deleted == 2
+    assert await pg_store.blacklisted(numbers) == {numbers[0], numbers[2]}
+    [left] = await drain_queue(sqs, wiring.queue_url, rounds=1)
+    assert broken in left["Body"], "the message the handler failed on stays for the redrive policy"
 
 
 async def test_a_poison_message_without_a_redrive_policy_is_deleted_after_a_few_receives(
