@@ -61,9 +61,29 @@ def decode(raw: bytes) -> str:
 
 
 class AgiRequest(Request):  # type: ignore[misc] # panoramisk ships no types
-    """panoramisk's Request, reading replies past Asterisk's asynchronous `HANGUP` notice."""
+    """panoramisk's Request, reading replies past Asterisk's asynchronous `HANGUP` notice, and keeping
+    replies in step with commands: the late reply of a command that timed out is read and dropped before
+    the next command, never taken for that command's reply (a shifted GET VARIABLE could read one
+    variable's value as another's: a contact id as the number to opt out)."""
 
     hung_up = False
+    owed = 0
+    """Replies still due for commands that timed out."""
+
+    async def settle(self) -> None:
+        """Read and drop the replies still owed."""
+        while self.owed:
+            reply = await self._read_result()
+            while reply.get("status_code") == 100:  # `100 Trying`: the reply itself follows
+                reply = await self._read_result()
+            self.owed -= 1
+
+    async def exchange(self, line: str) -> dict[str, Any]:
+        """Send `line` and read its reply (`settle` first)."""
+        self.owed += 1  # until the reply is read (a timeout leaves it owed)
+        result: dict[str, Any] = await self.send_command(line)
+        self.owed -= 1
+        return result
 
     async def _read_result(self) -> dict[str, Any]:
         for _ in range(8):
@@ -154,10 +174,12 @@ async def read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
     raise AgiProtocolError(f"more than {MAX_HEADER_LINES} FastAGI header lines")
 
 
-async def command(request: Request, line: str, *, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+async def command(request: AgiRequest, line: str, *, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
     """Send one AGI command; its parsed `200` result. Raises AgiProtocolError on a failure or a closed socket."""
     try:
-        result: dict[str, Any] = await asyncio.wait_for(request.send_command(line), timeout)
+        if request.owed:
+            await asyncio.wait_for(request.settle(), timeout)
+        result = await asyncio.wait_for(request.exchange(line), timeout)
     except ValueError as exc:  # an unparsable reply line
         raise AgiProtocolError(f"unreadable reply to {line.split()[0]}") from exc
     except TimeoutError as exc:
@@ -169,7 +191,7 @@ async def command(request: Request, line: str, *, timeout: float) -> dict[str, A
     return result
 
 
-async def get_variable(request: Request, name: str, *, timeout: float) -> str | None:  # noqa: ASYNC109
+async def get_variable(request: AgiRequest, name: str, *, timeout: float) -> str | None:  # noqa: ASYNC109
     """A channel variable or function: its value ("" when set and empty), None when unset or unreadable."""
     try:
         result = await command(request, f"GET VARIABLE {name}", timeout=timeout)
@@ -249,8 +271,12 @@ class AgiServer(Resource):
 
     # --- optout ----------------------------------------------------------------------------------
     async def _optout(self, request: AgiRequest) -> None:
+        received_at = datetime.now(UTC)
+        this = asyncio.current_task()
+        if this is not None:
+            self._intake.arriving(this)  # a shutdown waits for the lookups below
         facts = await self._facts(request)
-        pressed = self._intake.press(facts, origin=Origin.AGI, pressed_at=None,
+        pressed = self._intake.press(facts, origin=Origin.AGI, pressed_at=None, received_at=received_at,
                                      hang_up=lambda: self._hang_up(request))
         if pressed is None:  # the press was taken already (another way in saw it): the call still ends
             await self._hang_up(request)
@@ -263,12 +289,15 @@ class AgiServer(Resource):
         headers: dict[str, str] = request.headers
         uniqueid = headers.get("agi_uniqueid") or f"agi-{uuid.uuid4()}"
         variables: dict[str, str] = {}
+        given: set[str] = set()  # `NAME=` arguments: the dialplan read them already ("" = unset)
         for arg in agi_args(headers):
             name, sep, value = arg.partition("=")
-            if sep and name in CHANNEL_VARS and value:
-                variables[name] = value
+            if sep and name in CHANNEL_VARS:
+                given.add(name)
+                if value:
+                    variables[name] = value
         for name in CHANNEL_VARS:
-            if name not in variables:  # GET VARIABLE works on a channel that has hung up, too
+            if name not in given:  # GET VARIABLE works on a channel that has hung up, too
                 found = await get_variable(request, name, timeout=self._command_timeout)
                 if found:
                     variables[name] = found

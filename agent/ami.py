@@ -120,20 +120,22 @@ class AmiAgent(Resource):
         self._manager: _Manager | None = None
         self._looking_up: dict[str, asyncio.Task[None]] = {}
         self._accepting = True
+        self._closed = False
         self.connected = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def close(self) -> None:
         """Log off and close the socket. Safe to call twice."""
         self._accepting = False
+        self._closed = True
         self._close_manager()
         for task in list(self._looking_up.values()):
             task.cancel()
 
     async def stop_accepting(self) -> None:
-        """SIGTERM: no new presses are taken; in-flight hangups go on."""
+        """SIGTERM: no new presses are taken; the connection stays for the hangups of those in flight (the
+        AMI Hangup action is sent on it) until `close`."""
         self._accepting = False
-        self._close_manager()
 
     def _set_connected(self, value: bool) -> None:
         self.connected = value
@@ -150,12 +152,12 @@ class AmiAgent(Resource):
         """Connect, log in, watch; reconnect with backoff when the connection drops or stops answering pings."""
         backoff = Backoff("AMI connection", initial=0.2, maximum=5.0, logger=log)
         try:
-            while self._accepting:
+            while not self._closed:
                 try:
                     await self._session_once(backoff)
                 except (OSError, TelephonyError, TimeoutError) as exc:
                     self._close_manager()
-                    if self._accepting:
+                    if not self._closed:
                         await asyncio.sleep(backoff.delay(exc))
         finally:
             self._close_manager()
@@ -178,7 +180,7 @@ class AmiAgent(Resource):
         self._set_connected(True)
         backoff.reset()
         log.info("AMI connected", extra={"host": self._host, "port": self._port})
-        while self._accepting:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(manager.lost.wait(), self._ping_interval)
             if manager.lost.is_set():
@@ -211,17 +213,20 @@ class AmiAgent(Resource):
                                                           name=f"ami-dialled-{facts.uniqueid}")
             self._looking_up[facts.uniqueid] = task
             task.add_done_callback(lambda _: self._looking_up.pop(facts.uniqueid, None))
+            self._intake.arriving(task)
         except Exception:
             log.exception("could not handle a DTMFEnd event", extra={"uniqueid": event.get("Uniqueid")})
 
-    def _press(self, facts: ChannelFacts, pressed_at: datetime) -> None:
-        self._intake.press(facts, origin=Origin.AMI, pressed_at=pressed_at,
+    def _press(self, facts: ChannelFacts, pressed_at: datetime, received_at: datetime | None = None) -> None:
+        self._intake.press(facts, origin=Origin.AMI, pressed_at=pressed_at, received_at=received_at,
                            hang_up=lambda: self._hang_up(facts.name))
 
     async def _press_after_lookup(self, facts: ChannelFacts, pressed_at: datetime) -> None:
+        received_at = datetime.now(UTC)
         request_uri, remote_uri = await asyncio.gather(self._getvar(facts.name, REQUEST_URI),
                                                        self._getvar(facts.name, REMOTE_URI))
-        self._press(dataclasses.replace(facts, dialled=dialled_number(request_uri, remote_uri)), pressed_at)
+        self._press(dataclasses.replace(facts, dialled=dialled_number(request_uri, remote_uri)), pressed_at,
+                    received_at)
 
     async def _getvar(self, channel: str, name: str) -> str | None:
         """A channel variable or function over AMI; None when it cannot be read."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -286,21 +285,29 @@ class AriAgent(Resource):
             self._press(chan, pressed_at)
         elif not chan.pressing:
             chan.pressing = True
-            self._spawn(self._press_after_lookup(chan, pressed_at), name=f"ari-press-{chan_id}")
+            self._intake.arriving(self._spawn(self._press_after_lookup(chan, pressed_at), name=f"ari-press-{chan_id}"))
 
-    def _press(self, chan: Channel, pressed_at: datetime) -> None:
+    def _press(self, chan: Channel, pressed_at: datetime, received_at: datetime | None = None) -> None:
         chan_id = chan.id
-        self._intake.press(chan.facts, origin=Origin.ARI, pressed_at=pressed_at,
+        self._intake.press(chan.facts, origin=Origin.ARI, pressed_at=pressed_at, received_at=received_at,
                            hang_up=lambda: self.hang_up_channel(chan_id))
 
     async def _press_after_lookup(self, chan: Channel, pressed_at: datetime) -> None:
         assert chan.lookup is not None
+        received_at = datetime.now(UTC)
         dialled = None
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        try:
             dialled = await asyncio.wait_for(asyncio.shield(chan.lookup), LOOKUP_WAIT)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if this is not None and this.cancelling():
+                self._press(chan, pressed_at, received_at)  # the agent is closing: the press is still journaled
+                raise
         if dialled:
             chan.facts = dataclasses.replace(chan.facts, dialled=dialled)
-        self._press(chan, pressed_at)
+        self._press(chan, pressed_at, received_at)
 
     def _spawn(self, coro: Any, *, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)

@@ -64,7 +64,7 @@ class DialGuard:
         try:
             [answer] = await asyncio.wait_for(self._checker.check([number]), self._timeout)
         except (OptOutError, TimeoutError) as exc:
-            log.error("pre-dial check of %s could not be answered: %s", mask(number), exc or "timeout")
+            log.error("pre-dial check of %s could not be answered: %s", mask(number), str(exc) or type(exc).__name__)
             answer = None
         if answer is None:
             return GuardAnswer(Verdict.UNKNOWN, number, "the blacklist cannot be read now")

@@ -76,6 +76,7 @@ class Intake:
         self._hangups_first_within = hangups_first_within
         self._handled: OrderedDict[str, float] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._arriving: set[asyncio.Task[Any]] = set()
         self._confirmations: dict[str, asyncio.Future[datetime]] = {}
         self._hangups_in_flight = 0
         self._no_hangup_in_flight = asyncio.Event()
@@ -100,15 +101,22 @@ class Intake:
             self._handled.popitem(last=False)
         return uniqueid in self._handled
 
+    def arriving(self, task: asyncio.Task[Any]) -> None:
+        """A press still being read from its channel (the way in looks up what it needs before `press`):
+        `drain` waits for it too, so a shutdown never cuts a press off before it is journaled."""
+        self._arriving.add(task)
+        task.add_done_callback(self._arriving.discard)
+
     def press(self, facts: ChannelFacts, *, origin: Origin, pressed_at: datetime | None,
-              hang_up: HangUp) -> Pressed | None:
+              hang_up: HangUp, received_at: datetime | None = None) -> Pressed | None:
         """Take a press of the opt-out digit. Synchronous (never waits: safe inside an event reader).
+        `received_at`: when the press reached the agent, if that was before its lookups (default: now).
 
         Returns None for a repeat press on the same channel.
         """
         if self.seen(facts.uniqueid):
             return None
-        received_at = datetime.now(UTC)
+        received_at = received_at or datetime.now(UTC)
         try:
             record = call_record(facts, origin=origin, digit=self.digit, pressed_at=pressed_at, region=self.region,
                                  received_at=received_at)
@@ -140,9 +148,11 @@ class Intake:
             fut.set_result(at)
 
     async def drain(self, within: float) -> None:
-        """Wait for in-flight presses (what does not finish stays journaled)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=within)
+        """Wait for in-flight presses, and those still arriving (what does not finish stays journaled)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while (pending := self._tasks | self._arriving) and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     @property
     def inflight(self) -> int:

@@ -303,8 +303,9 @@ class Replayer:
         pipeline, journal = self._pipeline, self._pipeline.journal
         done = 0
         while True:
-            inflight = pipeline.inflight
-            pending = [r for r in await journal.unstored(self._batch) if r.event_id not in inflight]
+            rows = await journal.unstored(self._batch)
+            inflight = pipeline.inflight  # after the read: a press journaled meanwhile is the pipeline's to store
+            pending = [r for r in rows if r.event_id not in inflight]
             metrics.JOURNAL_DEPTH.set(await journal.depth())
             if not pending:
                 metrics.JOURNAL_PARKED.set(len(await journal.parked()))

@@ -85,11 +85,13 @@ class SqliteDb(Resource):
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (cancellation included) and re-raise."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (a failed COMMIT and cancellation included) and
+    re-raise: the connection is never left inside a transaction holding the write lock."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")

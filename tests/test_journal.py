@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.journal import AppendResult, Journal
+from agent.sqlite_db import transaction
 from tests.conftest import make_record
 
 
@@ -137,3 +141,15 @@ async def test_a_journal_from_the_previous_version_is_upgraded_in_place(tmp_path
         assert [r.event_id for r in await j.unstored()] == [rec.event_id]
         assert await j.append(make_record("+972521234567")) is AppendResult.NEW
         assert await j.parked() == []
+
+
+def test_a_failed_commit_never_leaves_the_connection_inside_a_transaction(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    conn.executescript("PRAGMA foreign_keys=ON; CREATE TABLE p (id INTEGER PRIMARY KEY);"
+                       "CREATE TABLE c (p INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);")
+    with pytest.raises(sqlite3.IntegrityError), transaction(conn):
+        conn.execute("INSERT INTO c VALUES (1)")  # checked at COMMIT: the COMMIT fails
+    assert not conn.in_transaction
+    with transaction(conn):
+        conn.execute("INSERT INTO p VALUES (1)")
+    assert conn.execute("SELECT count(*) FROM p").fetchone() == (1,)

@@ -284,9 +284,11 @@ def agi_headers(script: str | None, *args: str, uniqueid: str = "1700000000.1") 
 
 
 async def play_asterisk(
-    request: bytes, variables: dict[str, str] | None = None, *, stop_after: int | None = None
+    request: bytes, variables: dict[str, str] | None = None, *, stop_after: int | None = None,
+    slow: dict[str, float] | None = None,
 ) -> list[str]:
-    """Act as Asterisk on one FastAGI connection: answer each command; the commands received, in order."""
+    """Act as Asterisk on one FastAGI connection: answer each command (`slow`: seconds to wait before
+    answering GET VARIABLE of these names); the commands received, in order."""
     reader, writer = await asyncio.open_connection(AGI_HOST, AGI_PORT)
     writer.write(request)
     await writer.drain()
@@ -301,6 +303,7 @@ async def play_asterisk(
             if stop_after is not None and len(got) >= stop_after:
                 break
             if cmd.startswith("GET VARIABLE "):
+                await asyncio.sleep((slow or {}).get(cmd.split()[-1], 0.0))
                 value = (variables or {}).get(cmd.split()[-1])
                 writer.write(f"200 result=1 ({value})\n".encode() if value else b"200 result=0\n")
             else:
@@ -473,3 +476,35 @@ async def test_slow_peers_holding_every_slot_do_not_shut_out_a_real_call(
         for _, w in slow:
             w.close()
         await us_intake.drain(within=5.0)
+
+
+async def test_a_late_reply_is_never_read_as_the_next_variable(
+    us_intake: Intake, guard: DialGuard, pg_store: PostgresStore,
+) -> None:
+    """CONTACT_ID answers after the command timeout: its value must not become the number to opt out."""
+    number, contact = random_number(), random_number()
+    async with AgiServer(host=AGI_HOST, port=AGI_PORT, intake=us_intake, guard=guard, command_timeout=0.3):
+        got = await play_asterisk(agi_headers("optout", uniqueid=f"{uuid.uuid4().int % 10**9}.1"),
+                                  {"CONTACT_ID": contact, "OPTOUT_NUMBER": number}, slow={"CONTACT_ID": 0.45})
+        await us_intake.drain(within=5.0)
+    assert got[-1] == "HANGUP"
+    assert await pg_store.blacklisted([number, contact]) == {number}
+
+
+async def test_a_shutdown_waits_for_a_press_still_reading_its_channel(
+    us_intake: Intake, guard: DialGuard, pg_store: PostgresStore,
+) -> None:
+    number = random_number()
+    server = AgiServer(host=AGI_HOST, port=AGI_PORT, intake=us_intake, guard=guard)
+    async with server:
+        asterisk = asyncio.create_task(play_asterisk(
+            agi_headers("optout", uniqueid=f"{uuid.uuid4().int % 10**9}.1"), {"OPTOUT_NUMBER": number},
+            slow={name: 0.3 for name in ("CALL_ID", "CAMPAIGN_ID", "CONTACT_ID", "OPTOUT_NUMBER")}))
+        await asyncio.sleep(0.2)  # connected, reading its variables: SIGTERM now
+        await us_intake.drain(within=5.0)  # what the agent does before it closes the ways in
+        await server.stop_accepting()
+        await us_intake.drain(within=2.0)
+    got = await asterisk
+    assert got[-1] == "HANGUP", f"the press was cut off by the shutdown: {got}"
+    await us_intake.drain(within=5.0)
+    assert await pg_store.blacklisted([number]) == {number}

@@ -50,8 +50,8 @@ def effects(intake: Intake, pipeline: OptOutPipeline) -> Effects:
     pipeline.store.write = log.wrap("store", pipeline.store.write)  # type: ignore[method-assign]
     press = intake.press
 
-    def recording_press(facts: Any, *, origin: Any, pressed_at: Any, hang_up: Any) -> Any:
-        return press(facts, origin=origin, pressed_at=pressed_at, hang_up=log.wrap("hangup", hang_up))
+    def recording_press(facts: Any, *, hang_up: Any, **kwargs: Any) -> Any:
+        return press(facts, hang_up=log.wrap("hangup", hang_up), **kwargs)
 
     intake.press = recording_press  # type: ignore[method-assign]
     return log
