@@ -12,7 +12,7 @@ import os
 import signal
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -359,45 +359,44 @@ class _Committer:
             return False
         return True
 
-    async def _make_visible(self, batch: ImportBatch) -> None:
-        assert self._core.cache is not None
+    async def _on_redis(self, step: Awaitable[object]) -> None:
+        """One Redis step of the import; the first failure is reported and ends the import's Redis work (the
+        agent's cache sync applies the rest from the change feed)."""
         try:
-            if await self._core.cache.add_imported(batch.added, added_at=self._now, reason=self._reason,
-                                                   source=self._source, after=batch.after_seq, last=batch.last_seq,
-                                                   lease_ms=self._lease_ms if self._core.cache_sync else 0):
-                self._report.cache_by_import += 1
-            else:
-                await self.catch_up()  # another change came in between: catch up from the change feed
+            await step
         except CacheUnavailable as exc:
-            self._report.cache_error = str(exc)
+            if self._report.cache_error is None:
+                self._report.cache_error = str(exc)
+
+    async def _make_visible(self, batch: ImportBatch) -> None:
+        cache = self._core.cache
+        assert cache is not None
+
+        async def add_or_catch_up() -> None:
+            if not await cache.add_imported(batch.added, added_at=self._now, reason=self._reason,
+                                            source=self._source, after=batch.after_seq, last=batch.last_seq,
+                                            lease_ms=self._lease_ms if self._core.cache_sync else 0):
+                await self.catch_up()  # another change came in between: catch up from the change feed
+                return
+            self._report.cache_by_import += 1
+
+        await self._on_redis(add_or_catch_up())
 
     async def catch_up(self) -> None:
         """One round of the cache keeper: the store's changes since `blacklist:seq` applied, the lease renewed."""
-        if self._core.cache_sync is None or self._report.cache_error is not None:
-            return
-        try:
-            await self._core.cache_sync.tick(importing=True)
-        except CacheUnavailable as exc:
-            self._report.cache_error = str(exc)
+        if self._core.cache_sync is not None and self._report.cache_error is None:
+            await self._on_redis(self._core.cache_sync.tick(importing=True))
 
     async def claim(self) -> None:
         """Keepers leave the change feed to the import while it writes its own changes (renewed per batch; it
         lapses by itself if the import dies)."""
-        if self._core.cache is None or self._core.cache_sync is None or self._report.cache_error is not None:
-            return
-        try:
-            await self._core.cache.claim_import(self._owner, ttl_ms=10_000)
-        except CacheUnavailable as exc:
-            self._report.cache_error = str(exc)
+        if self._core.cache is not None and self._core.cache_sync is not None and self._report.cache_error is None:
+            await self._on_redis(self._core.cache.claim_import(self._owner, ttl_ms=10_000))
 
     async def release(self) -> None:
-        """Hand the change feed back to the keepers."""
-        if self._core.cache is None or self._report.cache_error is not None:
-            return
-        try:
-            await self._core.cache.release_import(self._owner)
-        except CacheUnavailable as exc:
-            self._report.cache_error = str(exc)
+        """Hand the change feed back to the keepers (also after a Redis failure: a claim may be held)."""
+        if self._core.cache is not None and self._core.cache_sync is not None:
+            await self._on_redis(self._core.cache.release_import(self._owner))
 
     async def flush(self) -> None:
         """Wait for the last batch's Redis write."""

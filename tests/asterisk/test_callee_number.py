@@ -25,7 +25,7 @@ from agent.ami import AmiAgent
 from agent.ari import AriAgent
 from agent.store_postgres import PostgresStore
 from tests.asterisk.conftest import AriEnv, eventually
-from tests.asterisk.test_agi import AsteriskCalls
+from tests.asterisk.test_agi import AsteriskCalls, random_number
 
 pytestmark = pytest.mark.asterisk
 
@@ -81,10 +81,6 @@ def callee(tmp_path: Path) -> Iterator[Callee]:
     c.stop()
 
 
-def called_number() -> str:
-    return f"+1202555{random.randint(0, 9999):04d}"
-
-
 async def originate(ari_env: AriEnv, callee: Callee, number: str, **target: str) -> str:
     """Originate as a dialer does: a caller ID, the callee's number only in the dial string."""
     call_id = f"t-{uuid.uuid4().hex[:12]}"
@@ -116,7 +112,7 @@ async def assert_dialled_number_listed(store: PostgresStore, number: str, origin
 async def test_ari_lists_the_dialled_number_never_the_callers_id(
     ari_env: AriEnv, ari_agent: AriAgent, callee: Callee, pg_store: PostgresStore
 ) -> None:
-    number = called_number()
+    number = random_number()
     await originate(ari_env, callee, number, app=ari_env.app)
     await assert_dialled_number_listed(pg_store, number, "ari")
 
@@ -124,7 +120,7 @@ async def test_ari_lists_the_dialled_number_never_the_callers_id(
 async def test_ami_lists_the_dialled_number_never_the_callers_id(
     ari_env: AriEnv, ami: AmiAgent, callee: Callee, pg_store: PostgresStore
 ) -> None:
-    number = called_number()
+    number = random_number()
     await originate(ari_env, callee, number, context="optout-plain-ivr", extension="s", priority="1")
     await assert_dialled_number_listed(pg_store, number, "ami")
 
@@ -132,7 +128,7 @@ async def test_ami_lists_the_dialled_number_never_the_callers_id(
 async def test_agi_lists_the_dialled_number_never_the_callers_id(
     ari_env: AriEnv, agi: AgiServer, callee: Callee, pg_store: PostgresStore
 ) -> None:
-    number = called_number()
+    number = random_number()
     await originate(ari_env, callee, number, context="optout-agi-ivr", extension="s", priority="1")
     await assert_dialled_number_listed(pg_store, number, "agi")
 

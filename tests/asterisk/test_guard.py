@@ -3,7 +3,6 @@ call it stops is counted and audited."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from agent.http import AgentHttp
 from agent.pipeline import OptOutPipeline
 from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
-from tests.asterisk.conftest import AriEnv
+from tests.asterisk.conftest import AriEnv, eventually
 from tests.conftest import make_record
 
 pytestmark = pytest.mark.asterisk
@@ -28,11 +27,22 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-async def api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCache,
+def originated() -> list[Any]:
+    """Every originate the guard let through, in order."""
+    return []
+
+
+@pytest.fixture
+async def api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCache, originated: list[Any],
               unused_tcp_port: int) -> AsyncIterator[str]:
     guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="IL"), store=pg_store)
+
+    async def originate(*args: Any, **kwargs: Any) -> Any:
+        originated.append((args, kwargs))
+        return await ari_agent.originate(*args, **kwargs)
+
     async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=dict, hang_up_call=ari_agent.hang_up_call,
-                         originate=ari_agent.originate, guard=guard, api_token=TOKEN):
+                         originate=originate, guard=guard, api_token=TOKEN):
         yield f"http://127.0.0.1:{unused_tcp_port}"
     await guard.drain(within=2.0)
 
@@ -47,7 +57,7 @@ async def channels(ari_env: AriEnv) -> set[str]:
 
 
 async def test_a_blacklisted_number_gets_409_and_no_channel_and_an_audit_row(
-    api: str, ari_env: AriEnv, pipeline: OptOutPipeline, pg_store: PostgresStore
+    api: str, ari_env: AriEnv, pipeline: OptOutPipeline, pg_store: PostgresStore, originated: list[Any]
 ) -> None:
     await pipeline.submit(make_record("+972501234567"))
     before, count = await channels(ari_env), prevented("ari")
@@ -56,19 +66,26 @@ async def test_a_blacklisted_number_gets_409_and_no_channel_and_an_audit_row(
             "number": "050-123-4567", "endpoint": "Local/s@optout-test-caller", "callId": "guard-1",
             "campaignId": "camp-g"})
     assert answer.status_code == 409 and answer.json()["error"] == "blacklisted"
-    await asyncio.sleep(0.3)
-    assert await channels(ari_env) == before, "no channel may be created for a blacklisted number"
+    assert originated == [], "no call may be originated for a blacklisted number"
+    assert await channels(ari_env) == before
+
+    async def prevented_rows() -> list[dict[str, Any]]:
+        return [r for r in await pg_store.history("+972501234567") if r["outcome"] == "prevented"]
+
+    rows = await eventually(prevented_rows, within=5.0)  # the audit row is written after the answer
     assert prevented("ari") == count + 1
-    rows = [r for r in await pg_store.history("+972501234567") if r["outcome"] == "prevented"]
     assert len(rows) == 1 and rows[0]["call_id"] == "guard-1" and rows[0]["campaign_id"] == "camp-g"
 
 
-async def test_a_clear_number_is_originated_with_its_ids_and_number(api: str, ari_env: AriEnv) -> None:
+async def test_a_clear_number_is_originated_with_its_ids_and_number(
+    api: str, ari_env: AriEnv, originated: list[Any]
+) -> None:
     async with httpx.AsyncClient() as client:
         answer = await client.post(f"{api}/calls", headers=AUTH, json={
             "number": "0521234567", "endpoint": "Local/s@optout-test-caller", "campaignId": "camp-g",
             "contactId": "c-9", "variables": {"HOLD": "2", "PRESS": ""}})
         assert answer.status_code == 201, answer.text
+        assert len(originated) == 1
         body = answer.json()
         assert body["callId"] and body["channelId"]
         variable = await client.get(f"{ari_env.url}/ari/channels/{body['channelId']}/variable",
