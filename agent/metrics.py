@@ -20,6 +20,7 @@ EVENT_ID_CONFLICTS = Counter("optout_event_id_conflicts_total",
 JOURNAL_DEPTH = Gauge("optout_journal_depth", "Opt-outs journaled but not yet in the store")
 JOURNAL_PARKED = Gauge("optout_journal_parked", "Opt-outs the store keeps refusing (kept in the journal)")
 JOURNAL_UP = Gauge("optout_journal_up", "1 while the journal can be written")
+HELD = Gauge("optout_held_in_memory", "Opt-outs neither the journal nor the store took: held in memory, retried")
 JOURNAL_ERRORS = Counter("optout_journal_errors_total", "Journal write failures")
 STORE_UP = Gauge("optout_store_up", "1 while the store answers")
 STORE_ERRORS = Counter("optout_store_errors_total", "Store (PostgreSQL/SQLite) failures")

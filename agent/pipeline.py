@@ -83,6 +83,8 @@ class OptOutPipeline:
         self.cache = cache
         self._hangup_timeout = hangup_timeout
         self._inflight: set[str] = set()
+        self._held: dict[str, OptOutRecord] = {}
+        """Opt-outs neither the journal nor the store took: retried by the replayer until one of them does."""
         self._on_stored = on_stored
         self._on_cache_error = on_cache_error
         # Concurrent opt-outs share store transactions and Redis round trips (group commit).
@@ -211,8 +213,10 @@ class OptOutPipeline:
             stored = await self._store_batch.submit(record)
         except (StoreUnavailable, StoreRejected) as exc:
             where = "only in Redis" if visible_at else "in neither Redis nor the store"
+            self._held[record.event_id] = record
+            metrics.HELD.set(len(self._held))
             raise JournalError(f"opt-out {record.event_id} could not be journaled nor stored, it is {where}: "
-                               f"{journal_error}; {exc}") from exc
+                               f"{journal_error}; {exc}; held in memory and retried") from exc
         self._count(record, stored)
         return PipelineResult(Status.STORED, record, stored.outcome, record.hangup)
 
@@ -238,6 +242,25 @@ class OptOutPipeline:
             except StoreRejected as again:
                 out.append(again)
         return out
+
+    async def retry_held(self) -> int:
+        """Put the opt-outs held in memory into the journal (then they are stored as any journaled one), or
+        straight into the store while the journal still fails. Returns how many are still held."""
+        for event_id, record in list(self._held.items()):
+            where = "journaled"
+            try:
+                await self.journal.append(record)
+            except JournalError:
+                try:
+                    stored = await self._store_batch.submit(record)
+                except (StoreUnavailable, StoreRejected):
+                    continue
+                self._count(record, stored)
+                where = "stored"
+            del self._held[event_id]
+            log.warning("opt-out %s, held in memory, is %s now", event_id, where, extra={"event_id": event_id})
+        metrics.HELD.set(len(self._held))
+        return len(self._held)
 
     def _count(self, record: OptOutRecord, stored: StoreResult) -> None:
         origin = record.origin.value
@@ -301,6 +324,7 @@ class Replayer:
         """Store every journaled record not in flight and not parked; returns how many were stored.
         Raises StoreUnavailable."""
         pipeline, journal = self._pipeline, self._pipeline.journal
+        await pipeline.retry_held()
         done = 0
         while True:
             rows = await journal.unstored(self._batch)

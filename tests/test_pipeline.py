@@ -300,6 +300,47 @@ async def test_journal_failure_writes_straight_to_store_and_redis(
     assert redis_sync.sismember(BLACKLIST_SET, "+972501234567")
 
 
+async def test_neither_journal_nor_store_the_optout_is_held_until_one_of_them_takes_it(
+    pg_store: PostgresStore, cache: RedisCache, tmp_path: Path
+) -> None:
+    from agent.errors import JournalError
+
+    broken = Journal(tmp_path / "journal.db")
+    await broken.open()
+    await broken.close()  # every write now fails
+    async with PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
+        pipe = OptOutPipeline(journal=broken, store=dead, cache=cache)
+        first, second = make_record("+972501234567"), make_record("+972521234567")
+        for record in (first, second):
+            with pytest.raises(JournalError, match="held in memory"):
+                await pipe.submit(record)
+        assert await pipe.retry_held() == 2, "still nowhere to put them"
+    pipe.store = pg_store  # the store is back, the journal still broken: stored directly
+    assert await pipe.retry_held() == 0
+    assert await pg_store.blacklisted(["+972501234567", "+972521234567"]) == {"+972501234567", "+972521234567"}
+
+
+async def test_an_optout_held_in_memory_goes_to_the_journal_when_it_is_back(
+    pg_store: PostgresStore, cache: RedisCache, tmp_path: Path
+) -> None:
+    from agent.errors import JournalError
+
+    broken = Journal(tmp_path / "broken.db")
+    await broken.open()
+    await broken.close()
+    async with PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
+        pipe = OptOutPipeline(journal=broken, store=dead, cache=cache)
+        with pytest.raises(JournalError):
+            await pipe.submit(make_record("+972501234567"))
+        async with Journal(tmp_path / "journal.db") as journal:
+            pipe.journal = journal
+            assert await pipe.retry_held() == 0
+            assert [r.phone_number for r in await journal.unstored(10)] == ["+972501234567"]
+            pipe.store = pg_store
+            assert await Replayer(pipe).drain() == 1
+    assert await pg_store.blacklisted(["+972501234567"]) == {"+972501234567"}
+
+
 def _mount_tiny_tmpfs(where: Path) -> bool:
     where.mkdir()
     return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(where)],
