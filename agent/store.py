@@ -10,6 +10,7 @@ the feed the Redis cache follows (agent/cache_sync.py). Both backends pass the s
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,14 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from agent import audit
 from agent.constants import Outcome, Source
 from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord, iso_z, outcome_of
+
+log = logging.getLogger("agent.store")
 
 
 @dataclass(frozen=True)
@@ -176,8 +181,13 @@ def change_of(row: Sequence[Any]) -> Change:
         pressed_at = datetime.fromisoformat(pressed_at)
     meta = {k: v for k, v in (("callId", call_id), ("campaignId", campaign_id), ("contactId", contact_id),
                               ("timestamp", iso_z(pressed_at) if pressed_at else None)) if v is not None}
-    entry = BlacklistEntry(phone_number=phone, added_at=at, reason=reason or "opted out",
-                           source=source or Source.USER_OPTOUT, metadata=meta or None)
+    try:
+        entry = BlacklistEntry(phone_number=phone, added_at=at, reason=reason or "opted out",
+                               source=source or Source.USER_OPTOUT, metadata=meta or None)
+    except ValidationError as exc:  # a row written outside the writers: the number still goes to Redis
+        log.error("change %s: its entry is not valid (%s); the number is applied with a minimal entry", seq,
+                  exc.errors(include_url=False)[0].get("msg"))
+        entry = BlacklistEntry(phone_number=phone, added_at=at, reason="opted out", source=Source.USER_OPTOUT)
     return Change(seq=int(seq), phone_number=phone, op="add", at=at, entry=entry, event_id=event_id,
                   visible=bool(visible))
 

@@ -280,3 +280,14 @@ async def test_a_record_the_store_cannot_hold_is_refused_not_unavailable(store: 
         await store.write([bad])
     [ok] = await store.write([make_record("+972501234569")])
     assert ok.outcome is Outcome.BLACKLISTED
+
+
+def test_a_change_row_with_an_invalid_entry_still_reaches_redis_as_an_addition() -> None:
+    """A row written outside the writers (a bad `source`) must not stall the cache keeper on it forever."""
+    from agent.constants import Source
+    from agent.store import change_of
+
+    at = datetime.now(UTC)
+    change = change_of((7, "+972501234567", "blacklisted", at, None, "not-a-source", None, None, None, None, "e", 1))
+    assert (change.op, change.phone_number, change.seq) == ("add", "+972501234567", 7)
+    assert change.entry is not None and change.entry.source is Source.USER_OPTOUT
