@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from agent.constants import (
     ACTION_TTL_SECONDS,
     BLACKLIST_IMPORTING,
+    BLACKLIST_REBUILDING,
     BLACKLIST_SENTINEL,
     BLACKLIST_SEQ,
     BLACKLIST_SET,
@@ -43,18 +44,13 @@ from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import Change
 
 # KEYS: seq, set, lease, then per op its entry key and pending key. ARGV: expected seq ('' = none), new
-# seq, lease ms (0 = leave it), op count, sentinel, seal ('1': a rebuild has just loaded the whole store),
-# then per op: 'a'|'r', phone, entry json | removal ms. Without the sentinel the set was lost: only a
-# rebuild's seal may mark it at a sequence again.
+# seq, lease ms (0 = leave it), op count, sentinel, then per op: 'a'|'r', phone, entry json | removal ms.
+# Without the sentinel the set was lost: only a rebuild's _SEAL marks it at a sequence again.
 _APPLY = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if ARGV[6] == '1' then
-  redis.call('SADD', KEYS[2], ARGV[5])
-elseif redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then
-  return 0
-end
+if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then return 0 end
 for i = 1, tonumber(ARGV[4]) do
-  local base = 6 + 3 * (i - 1)
+  local base = 5 + 3 * (i - 1)
   local phone, payload = ARGV[base + 2], ARGV[base + 3]
   if ARGV[base + 1] == 'a' then
     redis.call('SADD', KEYS[2], phone)
@@ -95,6 +91,23 @@ if ARGV[2] ~= '' then
 end
 return 1
 """
+# A rebuild's end. KEYS: seq, set, rebuilding. ARGV: token, the rebuild's member, new seq, sentinel. Only
+# while this rebuild still holds the claim and the set still holds its member (added before the copy).
+_SEAL = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+# KEYS: rebuilding. ARGV: token, ttl ms.
+_RENEW_REBUILD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
 # KEYS: seq, set, lease. ARGV: expected seq, lease ms, sentinel.
 _RENEW = """
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
@@ -114,6 +127,19 @@ class CacheState:
     """The sequence the lease vouches for (None: no lease, nobody proved the set current lately)."""
     importing: bool = False
     """A bulk import is applying its own changes (and renewing the lease): keepers wait."""
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """One keeper's claim on rebuilding the set from the store."""
+
+    token: str
+    key: str
+    """The set it copies into: the live set, or (exact) a new key that replaces it."""
+
+    @property
+    def member(self) -> str:
+        return f"~rebuild:{self.token}"
 
 
 @dataclass(frozen=True)
@@ -153,6 +179,8 @@ class RedisCache(Resource):
         self._apply = self._redis.register_script(_APPLY)
         self._renew = self._redis.register_script(_RENEW)
         self._add_imported = self._redis.register_script(_ADD_IMPORTED)
+        self._seal = self._redis.register_script(_SEAL)
+        self._renew_rebuild = self._redis.register_script(_RENEW_REBUILD)
         self._closed = False
 
     async def close(self) -> None:
@@ -213,14 +241,13 @@ class RedisCache(Resource):
         seq, exists, lease, importing = await self._execute(pipe)
         return CacheState(_int(seq), bool(exists), _int(lease), bool(importing))
 
-    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int,
-                    seal: bool = False) -> bool:
+    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int) -> bool:
         """Apply store changes in order if the set is still at `expected` and was not lost, then mark it at
         `new` (and renew the lease when `lease_ms`). False when another agent moved it first or the set lost
-        its sentinel (nothing applied). `seal`: a rebuild has just loaded the whole store into the set."""
+        its sentinel (nothing applied)."""
         keys = [BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED]
         args: list[str | int] = ["" if expected is None else str(expected), str(new), lease_ms, len(changes),
-                                 BLACKLIST_SENTINEL, "1" if seal else "0"]
+                                 BLACKLIST_SENTINEL]
         for change in changes:
             keys += [blacklist_entry_key(change.phone_number), pending_key(change.phone_number)]
             if change.op == "add":
@@ -292,18 +319,54 @@ class RedisCache(Resource):
         except (RedisError, OSError) as exc:
             raise CacheUnavailable(f"Redis: {exc}") from exc
 
-    async def new_rebuild_key(self) -> str:
-        key = f"{BLACKLIST_SET}:rebuild:{uuid.uuid4().hex[:8]}"
-        await self.delete(key)
-        return key
-
-    async def replace_set(self, source_key: str) -> None:
-        """Make `source_key` the live set (an exact rebuild); the sentinel is added first."""
+    # --- rebuilds: one keeper at a time, sealed only if the set survived the copy ------------------------
+    async def claim_rebuild(self, *, ttl_ms: int, exact: bool) -> Rebuild | None:
+        """Claim the rebuild (None when another keeper holds it) and put its member in the set it copies into
+        (the live set, or for `exact` a new key that replaces it)."""
+        token = uuid.uuid4().hex
+        try:
+            if not await self._redis.set(BLACKLIST_REBUILDING, token, nx=True, px=ttl_ms):
+                return None
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+        rebuild = Rebuild(token, f"{BLACKLIST_SET}:rebuild:{token[:8]}" if exact else BLACKLIST_SET)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(source_key, BLACKLIST_SENTINEL)
-        pipe.rename(source_key, BLACKLIST_SET)
-        pipe.delete(BLACKLIST_SEQ, BLACKLIST_SYNCED)
+        if exact:
+            pipe.delete(rebuild.key)
+        pipe.sadd(rebuild.key, rebuild.member)
         await self._execute(pipe)
+        return rebuild
+
+    async def renew_rebuild(self, rebuild: Rebuild, *, ttl_ms: int) -> bool:
+        try:
+            return bool(await self._renew_rebuild(keys=[BLACKLIST_REBUILDING], args=[rebuild.token, ttl_ms]))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def replace_set(self, rebuild: Rebuild) -> None:
+        """Make an exact rebuild's key the live set (not current until sealed)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.rename(rebuild.key, BLACKLIST_SET)
+        pipe.delete(BLACKLIST_SYNCED)
+        await self._execute(pipe)
+
+    async def seal(self, rebuild: Rebuild, *, seq: int) -> bool:
+        """Mark the rebuilt set at `seq` and give it the sentinel, if the claim still holds and the set kept
+        the rebuild's member (it was not lost during the copy). False otherwise: the next round rebuilds."""
+        try:
+            return bool(await self._seal(keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_REBUILDING],
+                                         args=[rebuild.token, rebuild.member, str(seq), BLACKLIST_SENTINEL]))
+        except (RedisError, OSError) as exc:
+            raise CacheUnavailable(f"Redis: {exc}") from exc
+
+    async def release_rebuild(self, rebuild: Rebuild) -> None:
+        """Give up a rebuild that did not finish (its member and its key go too)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.srem(BLACKLIST_SET, rebuild.member)
+        if rebuild.key != BLACKLIST_SET:
+            pipe.delete(rebuild.key)
+        await self._execute(pipe)
+        await self.renew_rebuild(rebuild, ttl_ms=1)  # the claim lapses now
 
     async def delete(self, *keys: str) -> None:
         pipe = self._redis.pipeline(transaction=False)

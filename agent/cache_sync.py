@@ -22,6 +22,7 @@ change reaches Redis within one interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -130,29 +131,39 @@ class CacheSync:
         return len(numbers)
 
     async def rebuild(self, *, exact: bool = False) -> int:
-        """Load the whole store into the set, then mark it at the store's sequence read before the copy
+        """Load the whole store into the set, then seal it at the store's sequence read before the copy
         (changes made meanwhile are applied again by the next round: every change is idempotent).
 
+        One keeper at a time (a claim in Redis, renewed per batch); the seal adds the sentinel only if the
+        set kept the rebuild's own member through the copy, so a set lost meanwhile is rebuilt again.
         Not exact (the keeper): numbers are only added, so an opt-out another agent journaled but could
         not store yet stays. Exact (`optout sync-cache --exact`): the set is replaced, so numbers the store
         no longer lists leave it too; running agents re-add their journaled opt-outs within a round.
-        Returns how many numbers the store holds.
+        Returns how many numbers the store holds (-1 when another keeper is rebuilding or the copy was lost).
         """
+        ttl_ms = max(10_000, self._lease_ms * 5)
+        rebuild = await self._cache.claim_rebuild(ttl_ms=ttl_ms, exact=exact)
+        if rebuild is None:
+            return -1  # another keeper is at it
         head = await self._store.head()
-        key = await self._cache.new_rebuild_key() if exact else None
         total = 0
+        sealed = False
         try:
             async for batch in self._store.entries(batch_size=self._batch):
-                await self._cache.add_entries(batch, **({"set_key": key} if key else {}))
+                await self._cache.add_entries(batch, set_key=rebuild.key)
+                await self._cache.renew_rebuild(rebuild, ttl_ms=ttl_ms)
                 total += len(batch)
-            if key is not None:
-                await self._cache.replace_set(key)
-                key = None
+            if exact:
+                await self._cache.replace_set(rebuild)
             await self.repush_pending()
-            state = await self._cache.state()
-            await self._cache.apply([], expected=state.seq, new=head, lease_ms=0, seal=True)
+            sealed = await self._cache.seal(rebuild, seq=head)
         finally:
-            if key is not None:
-                await self._cache.delete(key)
+            if not sealed:
+                with contextlib.suppress(CacheUnavailable):
+                    await self._cache.release_rebuild(rebuild)
+        if not sealed:
+            log.warning("Redis blacklist rebuild not sealed (the set or the claim was lost during the copy): "
+                        "the next round rebuilds it")
+            return -1
         log.info("Redis blacklist rebuilt from the store: %d numbers (at change %d)", total, head)
         return total

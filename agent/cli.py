@@ -148,7 +148,15 @@ async def cmd_sync_cache(core: Core, args: argparse.Namespace) -> int:
     if core.cache_sync is None:
         print("error: Redis is not configured (REDIS_URL or REDIS_HOST)", file=sys.stderr)
         return EXIT_ERROR
-    total = await core.cache_sync.rebuild(exact=args.exact)
+    for _ in range(120):  # a running agent's keeper may hold the rebuild: wait for it (up to a minute)
+        total = await core.cache_sync.rebuild(exact=args.exact)
+        if total >= 0:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        print("error: Redis could not be rebuilt: another keeper kept rebuilding, or the set was lost during "
+              "every copy", file=sys.stderr)
+        return EXIT_ERROR
     await core.cache_sync.tick()
     print(f"Redis rebuilt from the store: {total} numbers{' (exact)' if args.exact else ''}")
     return EXIT_OK

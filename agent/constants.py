@@ -17,7 +17,11 @@ BLACKLIST_IMPORTING = "blacklist:importing"
 """Present (short TTL, renewed per batch) while a bulk import applies its own changes to the set: keepers
 leave the change feed to it meanwhile, instead of re-applying a million rows it is writing anyway."""
 BLACKLIST_SENTINEL = "~sentinel"
-"""A member the set always holds, so an empty blacklist still has a set and a missing set means "lost"."""
+"""A member only a completed rebuild from the store adds, so an empty blacklist still has a set, and a set
+without it (missing, or re-created by a write since) means "lost"."""
+BLACKLIST_REBUILDING = "blacklist:rebuilding"
+"""Present (short TTL, renewed per batch) while one keeper rebuilds the set from the store; its value is the
+rebuild's token, also put in the set as a member `~rebuild:{token}` so a set lost during the copy is caught."""
 ACTION_TTL_SECONDS = 24 * 3600
 PENDING_TTL_SECONDS = 24 * 3600
 

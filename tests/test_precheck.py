@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -88,6 +89,46 @@ async def test_a_lost_set_that_a_write_re_created_is_still_lost(
     assert await checker.check([A, B]) == [True, True], "A is in the store: never clear"
     await sync.tick()  # the keeper rebuilds it
     assert redis_sync.smismember(BLACKLIST_SET, [A, B, BLACKLIST_SENTINEL]) == [1, 1, 1]
+
+
+async def test_a_set_lost_during_a_rebuild_is_not_sealed(
+    pg_store: PostgresStore, cache: RedisCache, redis_sync: redis.Redis
+) -> None:
+    await pg_store.write([make_record(A), make_record(B)])
+    sync = CacheSync(store=pg_store, cache=cache, journal=None, batch=1, lease=30.0)
+    entries = pg_store.entries
+
+    async def lost_midway(*, batch_size: int = 10_000) -> Any:
+        first = True
+        async for batch in entries(batch_size=batch_size):
+            yield batch
+            if first:
+                redis_sync.delete(BLACKLIST_SET)  # evicted while the copy goes on
+                first = False
+
+    pg_store.entries = lost_midway  # type: ignore[method-assign]
+    assert await sync.rebuild() == -1
+    assert not redis_sync.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL), "a partial copy must not look whole"
+    assert not await sync.tick() and not redis_sync.exists(BLACKLIST_SYNCED)
+    checker = BlacklistChecker(store=pg_store, cache=cache, region="IL")
+    assert await checker.check([A, B]) == [True, True]
+    pg_store.entries = entries  # type: ignore[method-assign]
+    assert await sync.rebuild() == 2
+    assert redis_sync.smismember(BLACKLIST_SET, [A, B, BLACKLIST_SENTINEL]) == [1, 1, 1]
+    assert [m for m in redis_sync.smembers(BLACKLIST_SET) if m.startswith("~rebuild:")] == []
+
+
+async def test_one_keeper_rebuilds_at_a_time(pg_store: PostgresStore, cache: RedisCache,
+                                             redis_sync: redis.Redis) -> None:
+    from agent.constants import BLACKLIST_REBUILDING
+
+    await pg_store.write([make_record(A)])
+    redis_sync.set(BLACKLIST_REBUILDING, "another-keeper", px=5000)
+    assert await keeper(pg_store, cache).rebuild() == -1
+    assert not redis_sync.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
+    redis_sync.delete(BLACKLIST_REBUILDING)  # that keeper died: its claim lapses (here: at once)
+    assert await keeper(pg_store, cache).rebuild() == 1
+    assert redis_sync.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
 
 
 async def test_a_removal_never_takes_out_an_optout_committed_after_it(
