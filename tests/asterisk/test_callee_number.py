@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -66,6 +67,13 @@ class Callee:
              "-mp", str(self._media), "-m", "1", "-timeout", "40", "-nostdin"],
             cwd=self._workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        # Asterisk's INVITE must not arrive before SIPp listens (the call would fail, never pressing 9).
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if f":{self.port:04X} " in Path("/proc/net/udp").read_text():  # read only: never races SIPp's bind
+                return
+            time.sleep(0.02)
+        pytest.fail(f"SIPp did not listen on UDP {self.port} (exit code {self.proc.poll()})")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
