@@ -102,9 +102,10 @@ redis.call('SET', KEYS[1], ARGV[3])
 redis.call('DEL', KEYS[3])
 return 1
 """
-# KEYS: rebuilding. ARGV: token, ttl ms.
+# KEYS: rebuilding. ARGV: token, ttl ms (0: give the claim up).
 _RENEW_REBUILD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then return redis.call('DEL', KEYS[1]) end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
@@ -366,7 +367,7 @@ class RedisCache(Resource):
         if rebuild.key != BLACKLIST_SET:
             pipe.delete(rebuild.key)
         await self._execute(pipe)
-        await self.renew_rebuild(rebuild, ttl_ms=1)  # the claim lapses now
+        await self.renew_rebuild(rebuild, ttl_ms=0)  # the claim is given up
 
     async def delete(self, *keys: str) -> None:
         pipe = self._redis.pipeline(transaction=False)

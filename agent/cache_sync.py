@@ -145,10 +145,10 @@ class CacheSync:
         rebuild = await self._cache.claim_rebuild(ttl_ms=ttl_ms, exact=exact)
         if rebuild is None:
             return -1  # another keeper is at it
-        head = await self._store.head()
         total = 0
         sealed = False
         try:
+            head = await self._store.head()
             async for batch in self._store.entries(batch_size=self._batch):
                 await self._cache.add_entries(batch, set_key=rebuild.key)
                 await self._cache.renew_rebuild(rebuild, ttl_ms=ttl_ms)

@@ -250,3 +250,15 @@ async def test_keeper_refills_redis_after_it_restarts_empty(
         await asyncio.sleep(0.05)
     task.cancel()
     assert redis_sync.scard(BLACKLIST_SET) == 5 + 1  # and the sentinel
+
+
+async def test_a_rebuild_that_fails_gives_its_claim_back(cache: RedisCache, redis_sync: redis.Redis) -> None:
+    import pytest
+
+    from agent.constants import BLACKLIST_REBUILDING
+    from agent.errors import StoreUnavailable
+
+    async with PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
+        with pytest.raises(StoreUnavailable):
+            await keeper(dead, cache).rebuild()
+    assert not redis_sync.exists(BLACKLIST_REBUILDING), "the next keeper must not wait for a dead claim"

@@ -24,6 +24,14 @@ from tests import browser
 
 TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 D0, D1, D2 = TODAY - timedelta(days=2), TODAY - timedelta(days=1), TODAY
+
+
+@pytest.fixture(autouse=True)
+def _three_days() -> None:
+    """The days as of this test, not as of collection: an import is dated "now", and a run may pass midnight."""
+    global TODAY, D0, D1, D2
+    TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    D0, D1, D2 = TODAY - timedelta(days=2), TODAY - timedelta(days=1), TODAY
 N = {k: f"+97250{i:07d}" for i, k in enumerate("ABCDEFG", start=1000001)}
 REMOVED_REASON = "number reassigned <b>new owner</b>"
 ms = timedelta(milliseconds=1)
