@@ -12,7 +12,7 @@ import os
 import signal
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +25,7 @@ from agent.errors import CacheUnavailable, InvalidInput, OptOutError
 from agent.optout import OptOutRecord
 from agent.phone import normalise, normalise_many
 from agent.pipeline import PipelineResult
-from agent.store import ImportBatch, ImportMark, Removal
+from agent.store import ImportMark, Removal, RemoveResult
 
 PHONE_COLUMNS = ("phonenumber", "phone_number", "phone", "number", "msisdn", "e164")
 MAX_FIELD = 256
@@ -48,21 +48,27 @@ async def add(core: Core, number: str, *, source: Source, reason: str | None, ac
     return await core.pipeline.submit(record)
 
 
-async def remove(core: Core, number: str, *, reason: str, actor: str) -> tuple[bool, str | None]:
-    """Take a number off the blacklist; the removal is an audited action. Returns (removed, a note about
-    Redis when the removal could not be applied there now)."""
+async def remove(core: Core, number: str, *, reason: str, actor: str) -> tuple[RemoveResult, str | None]:
+    """Take a number off the blacklist; the removal is an audited action, ordered by the store: an opt-out
+    of the number stored after this call began wins (OPTED_OUT_SINCE). Returns what the store did and a
+    note when the dialers' view does not show it yet."""
     if not reason.strip():
         raise InvalidInput("--reason", "a removal needs a reason (it is written to the audit trail)")
     e164 = normalise(number, region=core.settings.optout_default_region, field="NUMBER")
-    removal = Removal(e164, reason.strip(), actor, f"remove-{uuid.uuid4()}", datetime.now(UTC))
-    removed = await core.store.remove(removal)
+    seen = await core.store.head()
+    removal = Removal(e164, reason.strip(), actor, f"remove-{uuid.uuid4()}", datetime.now(UTC), seen_seq=seen)
+    result = await core.store.remove(removal)
     note = None
-    if removed and core.cache_sync is not None and core.cache is not None:
+    if result is RemoveResult.REMOVED and core.keeper is not None and core.cache is not None:
         try:
-            await core.cache_sync.settle_removal(removal)
+            if not await core.keeper.settle(await core.store.head(), within=5.0):
+                note = "the Redis view is not proven current yet; a keeper applies the removal within a few rounds"
+            elif e164 in (await core.cache.view()).pending.values():
+                note = ("an opt-out of this number that the store does not have yet is pending in Redis: it stays "
+                        "listed, and is listed again once stored")
         except OptOutError as exc:
-            note = f"Redis not updated now ({exc}); the agent's cache sync applies the removal"
-    return removed, note
+            note = f"Redis not updated now ({exc}); a keeper applies the removal from the store"
+    return result, note
 
 
 # --- import ---------------------------------------------------------------------------------------------
@@ -87,8 +93,6 @@ class ImportReport:
     """A re-run of an interrupted import: the lines up to this one were committed before (not read again)."""
     added_before: int = 0
     """Numbers the interrupted runs of this file added."""
-    cache_by_import: int = 0
-    """Batches the import made visible in Redis itself (the rest the keeper applied from the change feed)."""
     done_bytes: int = 0
     """How far into the file the committed rows reach."""
     last_line: int = 0
@@ -283,8 +287,6 @@ async def import_numbers(
     else:
         await core.store.import_begin(sha, name)
     committer = _Committer(core, report, sha=sha, name=name, reason=reason, source=source, actor=actor)
-    await committer.catch_up()  # the set at the store's head: the import's batches follow on from there
-    await committer.claim()
     count = workers or min(4, os.cpu_count() or 1)
     loop = asyncio.get_running_loop()
     pending: deque[asyncio.Future[_Block]] = deque()
@@ -312,31 +314,27 @@ async def import_numbers(
             report.stopped = str(exc)
         while pending and report.stopped is None:
             await commit_oldest()
-        await committer.flush()
     finally:
-        committer.cancel()
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
     if report.stopped is None:
         await core.store.import_finish(sha)
-    await committer.catch_up()  # whatever the import left to the change feed, and the lease
-    await committer.release()
+    await committer.visible()
     return report
 
 
 class _Committer:
-    """Stores an import's blocks in file order and makes each batch visible in Redis while the next one is
-    being stored (the Redis writes stay in batch order: each waits for the one before)."""
+    """Stores an import's blocks in file order, one transaction each. The import is an ordinary writer of the
+    store: the keepers apply its changes to Redis from the change feed as they commit (pushed at each commit),
+    and at the end the import waits (bounded) until the view holds them all."""
 
     def __init__(self, core: Core, report: ImportReport, *, sha: str, name: str, reason: str, source: Source,
                  actor: str) -> None:
         self._core, self._report = core, report
         self._sha, self._name, self._reason, self._source, self._actor = sha, name, reason, source, actor
         self._now = datetime.now(UTC)
-        self._visible: asyncio.Task[None] | None = None
-        self._owner = f"import-{uuid.uuid4().hex[:12]}"
-        self._lease_ms = int(core.settings.cache_lease_seconds * 1000)
+        self._last_seq = 0
 
     async def commit(self, block: _Block) -> bool:
         """Commit one block (and the file's progress with it); False when the file cannot be read past it."""
@@ -350,63 +348,22 @@ class _Committer:
         report.added += len(batch.added)
         report.already += len(block.good) - len(batch.added)
         report.done_bytes, report.last_line = block.end, block.last_line
-        await self.flush()
-        if batch.added and self._core.cache is not None and report.cache_error is None:
-            self._visible = asyncio.create_task(self._make_visible(batch), name="import-redis")
-            await self.claim()
+        self._last_seq = max(self._last_seq, batch.last_seq)
         if block.stopped is not None:
             report.stopped = block.stopped
             return False
         return True
 
-    async def _on_redis(self, step: Awaitable[object]) -> None:
-        """One Redis step of the import; the first failure is reported and ends the import's Redis work (the
-        agent's cache sync applies the rest from the change feed)."""
+    async def visible(self) -> None:
+        """Wait until the dialers' view holds every change of the import (the keepers apply them)."""
+        keeper = self._core.keeper
+        if keeper is None or not self._last_seq:
+            return
         try:
-            await step
+            if not await keeper.settle(self._last_seq, within=max(30.0, self._report.added / 20_000)):
+                self._report.cache_error = "the Redis view did not catch up with the import in time"
         except CacheUnavailable as exc:
-            if self._report.cache_error is None:
-                self._report.cache_error = str(exc)
-
-    async def _make_visible(self, batch: ImportBatch) -> None:
-        cache = self._core.cache
-        assert cache is not None
-
-        async def add_or_catch_up() -> None:
-            if not await cache.add_imported(batch.added, added_at=self._now, reason=self._reason,
-                                            source=self._source, after=batch.after_seq, last=batch.last_seq,
-                                            lease_ms=self._lease_ms if self._core.cache_sync else 0):
-                await self.catch_up()  # another change came in between: catch up from the change feed
-                return
-            self._report.cache_by_import += 1
-
-        await self._on_redis(add_or_catch_up())
-
-    async def catch_up(self) -> None:
-        """One round of the cache keeper: the store's changes since `blacklist:seq` applied, the lease renewed."""
-        if self._core.cache_sync is not None and self._report.cache_error is None:
-            await self._on_redis(self._core.cache_sync.tick(importing=True))
-
-    async def claim(self) -> None:
-        """Keepers leave the change feed to the import while it writes its own changes (renewed per batch; it
-        lapses by itself if the import dies)."""
-        if self._core.cache is not None and self._core.cache_sync is not None and self._report.cache_error is None:
-            await self._on_redis(self._core.cache.claim_import(self._owner, ttl_ms=10_000))
-
-    async def release(self) -> None:
-        """Hand the change feed back to the keepers (also after a Redis failure: a claim may be held)."""
-        if self._core.cache is not None and self._core.cache_sync is not None:
-            await self._on_redis(self._core.cache.release_import(self._owner))
-
-    async def flush(self) -> None:
-        """Wait for the last batch's Redis write."""
-        if self._visible is not None:
-            task, self._visible = self._visible, None
-            await task
-
-    def cancel(self) -> None:
-        if self._visible is not None:
-            self._visible.cancel()
+            self._report.cache_error = str(exc)
 
 
 # --- export, history, audit -------------------------------------------------------------------------

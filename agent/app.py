@@ -106,8 +106,8 @@ async def run_agent(settings: Settings) -> int:
 
         def advisory() -> dict[str, bool]:
             info = {"store": health.store_ok}
-            if core.cache_sync is not None:
-                info["cache_current"] = core.cache_sync.current
+            if core.keeper is not None:
+                info["cache_current"] = core.keeper.current
             return info
 
         await stack.enter_async_context(AgentHttp(
@@ -128,8 +128,8 @@ async def run_agent(settings: Settings) -> int:
                 named["sns-publisher"] = publisher.run
             else:
                 log.info("OPTOUT_EVENTS_TOPIC_ARN is not set: publishing opt-outs to SNS is off")
-            if core.cache_sync is not None:
-                named["cache-sync"] = core.cache_sync.run
+            if core.keeper is not None:
+                named["cache-keeper"] = core.keeper.run
             if ari is not None:
                 named["ari-listener"] = ari.run
             if ami is not None:

@@ -1,399 +1,402 @@
-"""Redis: the keys the dialers' pre-dial check reads. The store is the system of record.
+"""Redis: the dialers' view of the blacklist, derived from the store (the system of record).
 
-Keys (agent/constants.py): the set `blacklist:numbers` (holding a sentinel member that only a rebuild from
-the store puts there, so a set without it was lost, even when a later write re-created it), the entries
-`blacklist:{phone}`, `blacklist:seq` (the store change the set holds up to) and the lease
-`blacklist:synced` (present only while an agent has recently proven the set current; readers trust a
-"clear" answer only while it exists). Changes from the store's feed are applied by one
-compare-and-set script, so keepers in several agents never apply them out of order.
+The whole model is written here once; the README's pre-dial section shows the same tables.
 
-The scripts touch several keys: Redis standalone or Sentinel (not Cluster).
+Keys (names in agent/constants.py). Writers only ever add; one keeper at a time owns the rest.
+
+| key                      | type   | written by                                                            |
+|--------------------------|--------|-----------------------------------------------------------------------|
+| `blacklist:numbers`      | set    | writers SADD an opt-out's number before the store has it; the keeper  |
+|                          |        | applies the store's changes in order and swaps rebuilds in (with the  |
+|                          |        | `~sentinel` member only a rebuild adds)                               |
+| `blacklist:{phone}`      | string | writers SET NX the entry; the keeper sets it from the store and DELs  |
+|                          |        | it on a removal                                                       |
+| `blacklist:view`         | hash   | keeper: `seq`, `lineage` (the store change the set holds up to, and   |
+|                          |        | that row's chain hash); writers: `p:{eventId}` -> number for each     |
+|                          |        | opt-out the store may not have yet; the keeper drops a `p:` field     |
+|                          |        | once the set holds that opt-out as a stored change                    |
+| `blacklist:synced`       | string | keeper only: the lease `"{seq} {lineage}"` (or `hold`), expiring      |
+| `blacklist:keeper`       | string | keepers: the lock (redis-py `Lock`), held for one round               |
+| `blacklist:numbers:next` | set    | keeper: a rebuild's copy of the store, swapped in for the set         |
+| `optout_action:{id}`     | string | writers, kept 24 h; `campaign:{id}:optouts`: writers count opt-outs   |
+
+Writers: the pipeline of every process (agent, bridge, Lambda, CLI) and, every keeper round, each process
+re-asserting the opt-outs its journal holds unstored. The keeper (agent/keeper.py) runs in every agent and
+bridge; only the holder of `blacklist:keeper` acts, and every script it runs checks its token first, so a
+paused former keeper cannot write over a newer one (the sequence is checked too).
+
+States of the view (`RedisCache.state()`):
+
+| state        | what Redis holds                            | moved there by                                   |
+|--------------|---------------------------------------------|--------------------------------------------------|
+| `LOST`       | no sentinel in the set, or no `seq`          | Redis restarted, flushed, failed over, evicted   |
+| `REBUILDING` | as LOST, and `blacklist:numbers:next` exists | the keeper copying the store                     |
+| `STALE`      | sentinel and `seq`, no lease                 | a swap; the lease running out (no keeper, store  |
+|              |                                             | unreachable; the keeper drops it when the store's |
+|              |                                             | lineage changed: restored or failed over)        |
+| `CURRENT`    | sentinel, `seq` and the lease                | the keeper, once the set holds every change up to |
+|              |                                             | the store head it read                            |
+
+What a reader may trust: a member is blacklisted in every state. "Not a member" is "clear" only in CURRENT
+(the lease, the sentinel and membership are read in one MULTI); otherwise the store answers. `optout check`
+(strict) also asks the store whether the lease's `seq` is its head and `lineage` the hash of that row.
+
+A pending `p:` field outlives every rebuild (the swap unions them into the new set) and every removal (the
+keeper never takes out a number some writer holds unstored), and is re-asserted by its process every
+round, so a Redis that lost it has it back within a round. The scripts touch several keys: Redis
+standalone or Sentinel, not Cluster.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from agent.constants import (
     ACTION_TTL_SECONDS,
-    BLACKLIST_IMPORTING,
-    BLACKLIST_REBUILDING,
+    BLACKLIST_KEEPER,
+    BLACKLIST_LEASE,
+    BLACKLIST_NEXT,
     BLACKLIST_SENTINEL,
-    BLACKLIST_SEQ,
     BLACKLIST_SET,
-    BLACKLIST_SYNCED,
-    PENDING_TTL_SECONDS,
-    Source,
+    BLACKLIST_VIEW,
+    PENDING_FIELD_PREFIX,
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
-    pending_key,
     sns_message_key,
 )
 from agent.errors import CacheUnavailable
 from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord
-from agent.store import Change
+from agent.store import Change, Position
 
-# KEYS: seq, set, lease, then per op its entry key and pending key. ARGV: expected seq ('' = none), new
-# seq, lease ms (0 = leave it), op count, sentinel, then per op: 'a'|'r', phone, entry json | removal ms.
-# Without the sentinel the set was lost: only a rebuild's _SEAL marks it at a sequence again.
+
+class ViewState(enum.Enum):
+    """The dialers' view (see the module's table)."""
+
+    LOST = "lost"
+    """No sentinel or no sequence: nothing vouches for what the set lacks. A keeper rebuilds it."""
+    REBUILDING = "rebuilding"
+    """LOST while a keeper copies the store into `blacklist:numbers:next`."""
+    STALE = "stale"
+    """The set holds the store up to `seq` but nobody proved lately that nothing came after it."""
+    CURRENT = "current"
+    """The lease holds: the set held every store change at most the lease time ago."""
+
+
+class Applied(enum.Enum):
+    """What a keeper script did."""
+
+    DONE = "ok"
+    NOT_KEEPER = "not the keeper"
+    """The lock is another keeper's (or lapsed): nothing written."""
+    MOVED = "moved"
+    """The view is no longer at the expected sequence: nothing written."""
+    LOST = "lost"
+    """The set lost its sentinel: nothing written, it must be rebuilt."""
+    HELD = "held"
+    """Applied, but the lease is held (just after a swap, or after Redis went back): not renewed yet."""
+
+
+# KEYS: 1 set, 2 view, 3 lease, 4 keeper lock, then each change's entry key.
+# ARGV: 1 token, 2 expected seq, 3 new seq, 4 new lineage, 5 lease ms (0: none), 6 lock ms, 7 sentinel,
+#       8 number of changes, 9 number of pending fields to drop, then per change: 'a'|'r', phone, entry JSON;
+#       then the pending fields to drop (opt-outs the store holds at or before the new seq).
+# Applies store changes in order. A removal leaves a number some writer still holds unstored (a `p:` field
+# not being dropped): that opt-out reaches the store after the removal, and wins.
 _APPLY = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then return 0 end
-for i = 1, tonumber(ARGV[4]) do
-  local base = 5 + 3 * (i - 1)
-  local phone, payload = ARGV[base + 2], ARGV[base + 3]
-  if ARGV[base + 1] == 'a' then
-    redis.call('SADD', KEYS[2], phone)
-    redis.call('SET', KEYS[2 + 2 * i], payload, 'NX')
+if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 'not the keeper' end
+if (redis.call('HGET', KEYS[2], 'seq') or '') ~= ARGV[2] then return 'moved' end
+if redis.call('SISMEMBER', KEYS[1], ARGV[7]) == 0 then return 'lost' end
+local n, first_drop, held = tonumber(ARGV[8]), 10 + 3 * tonumber(ARGV[8]), nil
+for i = 1, n do
+  local op, phone, entry = ARGV[7 + 3 * i], ARGV[8 + 3 * i], ARGV[9 + 3 * i]
+  if op == 'a' then
+    redis.call('SADD', KEYS[1], phone)
+    redis.call('SET', KEYS[4 + i], entry)
   else
-    local accepted = redis.call('GET', KEYS[3 + 2 * i])
-    if (not accepted) or tonumber(accepted) < tonumber(payload) then
-      redis.call('SREM', KEYS[2], phone)
-      redis.call('DEL', KEYS[2 + 2 * i])
+    if not held then
+      local dropped = {}
+      for j = first_drop, #ARGV do dropped[ARGV[j]] = true end
+      held = {}
+      local all = redis.call('HGETALL', KEYS[2])
+      for j = 1, #all, 2 do
+        if string.sub(all[j], 1, 2) == 'p:' and not dropped[all[j]] then held[all[j + 1]] = true end
+      end
+    end
+    if not held[phone] then
+      redis.call('SREM', KEYS[1], phone)
+      redis.call('DEL', KEYS[4 + i])
     end
   end
 end
-redis.call('SET', KEYS[1], ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[3])) end
-return 1
-"""
-# An import batch's own changes, applied by the importer when the set is right before them (the same
-# compare-and-set as _APPLY, so the keeper need not re-apply them). KEYS: seq, set, then each number's entry
-# key. ARGV: expected seq, new seq ('' = leave it), the entry JSON before and after the number, sentinel,
-# lease ms (0 = leave it), then the numbers.
-_ADD_IMPORTED = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 0 then return 0 end
-local entries = {unpack(KEYS, 4)}
-local found = redis.call('MGET', unpack(entries))
-local pairs = {}
-for i = 1, #entries do
-  if not found[i] then
-    pairs[#pairs + 1] = entries[i]
-    pairs[#pairs + 1] = ARGV[3] .. ARGV[6 + i] .. ARGV[4]
-  end
+for j = first_drop, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
+redis.call('HSET', KEYS[2], 'seq', ARGV[3], 'lineage', ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
+if tonumber(ARGV[5]) > 0 then
+  if redis.call('GET', KEYS[3]) == 'hold' then return 'held' end
+  redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[4], 'PX', ARGV[5])
 end
-redis.call('SADD', KEYS[2], unpack(ARGV, 7))
-if #pairs > 0 then redis.call('MSET', unpack(pairs)) end
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[2])
-  if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[3], ARGV[2], 'PX', tonumber(ARGV[6])) end
-end
-return 1
+return 'ok'
 """
-# A rebuild's end. KEYS: seq, set, rebuilding. ARGV: token, the rebuild's member, new seq, sentinel. Only
-# while this rebuild still holds the claim and the set still holds its member (added before the copy).
-_SEAL = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return 0 end
-redis.call('SREM', KEYS[2], ARGV[2])
+# KEYS: 1 set, 2 next, 3 view, 4 lease, 5 keeper lock.
+# ARGV: 1 token, 2 seq, 3 lineage, 4 sentinel, 5 lock ms, 6 grace ms, then the pending fields to drop (opt-outs
+# the copy's store snapshot already holds, maybe removed since).
+# A rebuild's copy becomes the set, with every remaining pending number in it (UNLINK frees the old set off
+# the main thread: millions of members freed inside a script would stall Redis). The lease is held ('hold')
+# for the grace, so every process re-asserts its pending opt-outs before anyone vouches for the new set.
+_SWAP = """
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then return 'not the keeper' end
+for j = 7, #ARGV do redis.call('HDEL', KEYS[3], ARGV[j]) end
+local all = redis.call('HGETALL', KEYS[3])
+for j = 1, #all, 2 do
+  if string.sub(all[j], 1, 2) == 'p:' then redis.call('SADD', KEYS[2], all[j + 1]) end
+end
 redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('DEL', KEYS[3])
-return 1
-"""
-# KEYS: rebuilding. ARGV: token, ttl ms (0: give the claim up).
-_RENEW_REBUILD = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) == 0 then return redis.call('DEL', KEYS[1]) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-# KEYS: seq, set, lease. ARGV: expected seq, lease ms, sentinel.
-_RENEW = """
-if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then return 0 end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
-return 1
+redis.call('UNLINK', KEYS[1])
+redis.call('RENAME', KEYS[2], KEYS[1])
+redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'lineage', ARGV[3])
+redis.call('SET', KEYS[4], 'hold', 'PX', ARGV[6])
+redis.call('PEXPIRE', KEYS[5], ARGV[5])
+return 'ok'
 """
 
 
 @dataclass(frozen=True)
-class CacheState:
-    seq: int | None
-    """The store change the set holds up to (None: unknown, the set must be rebuilt)."""
-    set_exists: bool
-    """The set holds the sentinel (it was not lost since the last rebuild)."""
-    lease: int | None
-    """The sequence the lease vouches for (None: no lease, nobody proved the set current lately)."""
-    importing: bool = False
-    """A bulk import is applying its own changes (and renewing the lease): keepers wait."""
+class View:
+    """What the keeper reads of the view at the start of a round."""
 
-
-@dataclass(frozen=True)
-class Rebuild:
-    """One keeper's claim on rebuilding the set from the store."""
-
-    token: str
-    key: str
-    """The set it copies into: the live set, or (exact) a new key that replaces it."""
+    position: Position | None
+    """The store change the set holds up to (None: unknown, rebuild)."""
+    sentinel: bool
+    lease: Position | None
+    pending: dict[str, str] = field(default_factory=dict)
+    """Event id -> number of every opt-out some writer holds that the store may not have yet."""
+    next_exists: bool = False
 
     @property
-    def member(self) -> str:
-        return f"~rebuild:{self.token}"
+    def state(self) -> ViewState:
+        if self.position is None or not self.sentinel:
+            return ViewState.REBUILDING if self.next_exists else ViewState.LOST
+        return ViewState.CURRENT if self.lease is not None else ViewState.STALE
 
 
 @dataclass(frozen=True)
 class CacheAnswer:
     members: list[bool]
-    lease: int | None
-    set_exists: bool
-
-    @property
-    def current(self) -> bool:
-        """Whether a "clear" from the set may be trusted (the lease holds and the set exists)."""
-        return self.lease is not None and self.set_exists
+    lease: Position | None
+    """What the lease vouches for; None when a "clear" from the set proves nothing (no lease or no sentinel)."""
 
 
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
+def _position(value: object) -> Position | None:
+    seq, _, lineage = str(value or "").partition(" ")
+    return Position(int(seq), lineage) if seq.isdigit() else None
 
 
-def _int(value: object) -> int | None:
+@contextlib.contextmanager
+def redis_errors(doing: str) -> Iterator[None]:
+    """Redis's errors (and a dropped socket) become CacheUnavailable, saying what was being done."""
     try:
-        return int(str(value)) if value is not None else None
-    except ValueError:
-        return None
+        yield
+    except (RedisError, OSError) as exc:
+        raise CacheUnavailable(f"Redis: {doing}: {exc}") from exc
+
+
+def connect(url: str | None = None, *, sentinels: Sequence[tuple[str, int]] = (), service: str | None = None,
+            timeout: float = 0.5, max_connections: int = 64) -> aioredis.Redis:
+    """A client for one Redis (`url`), or for the primary the Sentinels name for `service` (it follows a
+    failover: every new connection asks the Sentinels where the primary is)."""
+    if sentinels:
+        assert service is not None
+        sentinel = Sentinel(list(sentinels), sentinel_kwargs={"socket_timeout": timeout}, socket_timeout=timeout,
+                            socket_connect_timeout=timeout, decode_responses=True)
+        client: aioredis.Redis = sentinel.master_for(service, max_connections=max_connections)
+        return client
+    assert url is not None
+    return aioredis.Redis.from_url(url, max_connections=max_connections, socket_timeout=timeout,
+                                   socket_connect_timeout=timeout, decode_responses=True)
 
 
 class RedisCache(Resource):
     """The Redis side of the blacklist (async context manager). Every method raises CacheUnavailable."""
 
-    def __init__(self, url: str, *, timeout: float = 0.5, max_connections: int = 64) -> None:
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=max_connections,
-            decode_responses=True,
-        )
-        self._apply = self._redis.register_script(_APPLY)
-        self._renew = self._redis.register_script(_RENEW)
-        self._add_imported = self._redis.register_script(_ADD_IMPORTED)
-        self._seal = self._redis.register_script(_SEAL)
-        self._renew_rebuild = self._redis.register_script(_RENEW_REBUILD)
+    def __init__(self, url: str | None = None, *, client: aioredis.Redis | None = None, timeout: float = 0.5,
+                 max_connections: int = 64) -> None:
+        self.client = client if client is not None else connect(url, timeout=timeout,
+                                                                max_connections=max_connections)
+        self._apply = self.client.register_script(_APPLY)
+        self._swap = self.client.register_script(_SWAP)
         self._closed = False
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._redis.aclose()
+            await self.client.aclose()
 
-    async def _execute(self, pipe: aioredis.client.Pipeline) -> list[object]:
-        try:
-            return list(await pipe.execute())
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
-    # --- the pipeline's write, before the store -------------------------------------------------------
-    async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[datetime]:
-        """Make each opt-out visible to the dialers (set member, entry, pending mark, action record) in one
-        round trip, then count new ones per campaign. Returns when Redis confirmed each."""
-        pipe = self._redis.pipeline(transaction=False)
+    # --- writers: add only --------------------------------------------------------------------------------
+    async def write_optouts(self, records: Sequence[OptOutRecord], *, count: bool = True) -> list[datetime]:
+        """Make each opt-out visible to the dialers in one round trip: its pending field first (so a removal
+        the keeper applies meanwhile already sees it), the number, its entry, its action record; then count
+        new ones per campaign. Returns when Redis confirmed each. `count=False` (a re-assertion) writes no
+        action record and counts nothing."""
+        pipe = self.client.pipeline(transaction=False)
         for record in records:
             if record.phone_number is not None:
-                # The pending mark first: a removal applied in between must already see it.
-                pipe.set(pending_key(record.phone_number), _ms(record.received_at), ex=PENDING_TTL_SECONDS)
+                pipe.hset(BLACKLIST_VIEW, PENDING_FIELD_PREFIX + record.event_id, record.phone_number)
                 pipe.sadd(BLACKLIST_SET, record.phone_number)
                 pipe.set(blacklist_entry_key(record.phone_number), record.entry().to_json(), nx=True)
-            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
-        replies = await self._execute(pipe)
-        confirmed = datetime.now(UTC)
-        # A redelivered opt-out finds its action record already there: it is not counted again.
-        counters = self._redis.pipeline(transaction=False)
-        index = 0
-        for record in records:
-            index += 3 if record.phone_number is not None else 0
-            if replies[index] and record.campaign_id is not None:
-                counters.incr(campaign_counter_key(record.campaign_id))
-            index += 1
-        if len(counters):
-            await self._execute(counters)
+            if count:
+                pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
+        with redis_errors("writing opt-outs"):
+            replies = await pipe.execute()
+            confirmed = datetime.now(UTC)
+            if count:
+                # A redelivered opt-out finds its action record already there: it is not counted again.
+                counters = self.client.pipeline(transaction=False)
+                index = 0
+                for record in records:
+                    index += 3 if record.phone_number is not None else 0
+                    if replies[index] and record.campaign_id is not None:
+                        counters.incr(campaign_counter_key(record.campaign_id))
+                    index += 1
+                if len(counters):
+                    await counters.execute()
         return [confirmed] * len(records)
 
-    async def add_pending(self, numbers: Sequence[str], *, chunk: int = 5000) -> None:
-        """Put numbers the journal holds (not in the store yet) back in the set, marked pending."""
-        now = int(time.time() * 1000)
-        for i in range(0, len(numbers), chunk):
-            pipe = self._redis.pipeline(transaction=False)
-            part = numbers[i : i + chunk]
-            for n in part:
-                pipe.set(pending_key(n), now, ex=PENDING_TTL_SECONDS)
-            pipe.sadd(BLACKLIST_SET, *part)
-            await self._execute(pipe)
+    async def assert_pending(self, held: Sequence[tuple[str, str]], *, chunk: int = 5000) -> None:
+        """Re-assert opt-outs a process holds unstored, as (event id, number): pending field, then number."""
+        for i in range(0, len(held), chunk):
+            part = held[i : i + chunk]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(BLACKLIST_VIEW, mapping={PENDING_FIELD_PREFIX + e: n for e, n in part})
+            pipe.sadd(BLACKLIST_SET, *{n for _, n in part})
+            with redis_errors("re-asserting pending opt-outs"):
+                await pipe.execute()
 
-    # --- the keeper: state, change feed, rebuild, lease ---------------------------------------------------
-    async def state(self) -> CacheState:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(BLACKLIST_SEQ)
-        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
-        pipe.get(BLACKLIST_SYNCED)
-        pipe.exists(BLACKLIST_IMPORTING)
-        seq, exists, lease, importing = await self._execute(pipe)
-        return CacheState(_int(seq), bool(exists), _int(lease), bool(importing))
-
-    async def apply(self, changes: Sequence[Change], *, expected: int | None, new: int, lease_ms: int) -> bool:
-        """Apply store changes in order if the set is still at `expected` and was not lost, then mark it at
-        `new` (and renew the lease when `lease_ms`). False when another agent moved it first or the set lost
-        its sentinel (nothing applied)."""
-        keys = [BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED]
-        args: list[str | int] = ["" if expected is None else str(expected), str(new), lease_ms, len(changes),
-                                 BLACKLIST_SENTINEL]
-        for change in changes:
-            keys += [blacklist_entry_key(change.phone_number), pending_key(change.phone_number)]
-            if change.op == "add":
-                assert change.entry is not None
-                args += ["a", change.phone_number, change.entry.to_json()]
-            else:
-                args += ["r", change.phone_number, _ms(change.at)]
-        try:
-            return bool(await self._apply(keys=keys, args=args))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: applying store changes failed: {exc}") from exc
-
-    async def renew(self, seq: int, *, lease_ms: int) -> bool:
-        """Renew the lease if the set is (still) at `seq`."""
-        try:
-            return bool(await self._renew(keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED],
-                                          args=[str(seq), lease_ms, BLACKLIST_SENTINEL]))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: renewing the lease failed: {exc}") from exc
-
-    async def add_entries(self, entries: Sequence[BlacklistEntry], *, set_key: str = BLACKLIST_SET) -> None:
-        """Set membership (in `set_key`) and entries; one pipelined round trip (keep batches moderate)."""
-        if not entries:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.sadd(set_key, *(e.phone_number for e in entries))
-        pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
-        await self._execute(pipe)
-
-    async def add_imported(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, after: int, last: int,
-        lease_ms: int = 0, chunk: int = 2000,
-    ) -> bool:
-        """Make an import batch's new numbers visible (set member, entry unless one exists) if the set is at
-        `after`, the change sequence right before the batch, and then mark it at `last`, its last change: the
-        import keeps `blacklist:seq` moving, so the keeper has nothing to re-apply. Each chunk is one short
-        script (Redis is never held long). With `lease_ms`, the lease is renewed as the keeper renews it after
-        applying the feed up to the head it read (the batch's commit was the head). False when the set is
-        elsewhere (another writer's change came in between): nothing more is written, and the change feed
-        applies the batch."""
-        marker = "\x00"
-        entry = BlacklistEntry(phone_number=marker, added_at=added_at, reason=reason, source=source).to_json()
-        before, _, behind = entry.partition(json.dumps(marker)[1:-1])
-        for i in range(0, len(numbers), chunk):
-            part = numbers[i : i + chunk]
-            final = i + chunk >= len(numbers)
-            try:
-                done = await self._add_imported(
-                    keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_SYNCED, *(blacklist_entry_key(n) for n in part)],
-                    args=[str(after), str(last) if final else "", before, behind, BLACKLIST_SENTINEL, lease_ms,
-                          *part])
-            except (RedisError, OSError) as exc:
-                raise CacheUnavailable(f"Redis: adding imported numbers failed: {exc}") from exc
-            if not done:
-                return False
-        return True
-
-    async def claim_import(self, owner: str, *, ttl_ms: int) -> None:
-        """Tell keepers an import is applying its own changes (`BLACKLIST_IMPORTING`, for `ttl_ms`)."""
-        try:
-            await self._redis.set(BLACKLIST_IMPORTING, owner, px=ttl_ms)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
-    async def release_import(self, owner: str) -> None:
-        try:
-            if await self._redis.get(BLACKLIST_IMPORTING) == owner:
-                await self._redis.delete(BLACKLIST_IMPORTING)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
-    # --- rebuilds: one keeper at a time, sealed only if the set survived the copy ------------------------
-    async def claim_rebuild(self, *, ttl_ms: int, exact: bool) -> Rebuild | None:
-        """Claim the rebuild (None when another keeper holds it) and put its member in the set it copies into
-        (the live set, or for `exact` a new key that replaces it)."""
-        token = uuid.uuid4().hex
-        try:
-            if not await self._redis.set(BLACKLIST_REBUILDING, token, nx=True, px=ttl_ms):
-                return None
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-        rebuild = Rebuild(token, f"{BLACKLIST_SET}:rebuild:{token[:8]}" if exact else BLACKLIST_SET)
-        pipe = self._redis.pipeline(transaction=False)
-        if exact:
-            pipe.delete(rebuild.key)
-        pipe.sadd(rebuild.key, rebuild.member)
-        await self._execute(pipe)
-        return rebuild
-
-    async def renew_rebuild(self, rebuild: Rebuild, *, ttl_ms: int) -> bool:
-        try:
-            return bool(await self._renew_rebuild(keys=[BLACKLIST_REBUILDING], args=[rebuild.token, ttl_ms]))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
-    async def replace_set(self, rebuild: Rebuild) -> None:
-        """Make an exact rebuild's key the live set (not current until sealed)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.rename(rebuild.key, BLACKLIST_SET)
-        pipe.delete(BLACKLIST_SYNCED)
-        await self._execute(pipe)
-
-    async def seal(self, rebuild: Rebuild, *, seq: int) -> bool:
-        """Mark the rebuilt set at `seq` and give it the sentinel, if the claim still holds and the set kept
-        the rebuild's member (it was not lost during the copy). False otherwise: the next round rebuilds."""
-        try:
-            return bool(await self._seal(keys=[BLACKLIST_SEQ, BLACKLIST_SET, BLACKLIST_REBUILDING],
-                                         args=[rebuild.token, rebuild.member, str(seq), BLACKLIST_SENTINEL]))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
-
-    async def release_rebuild(self, rebuild: Rebuild) -> None:
-        """Give up a rebuild that did not finish (its member and its key go too)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.srem(BLACKLIST_SET, rebuild.member)
-        if rebuild.key != BLACKLIST_SET:
-            pipe.delete(rebuild.key)
-        await self._execute(pipe)
-        await self.renew_rebuild(rebuild, ttl_ms=0)  # the claim is given up
-
-    async def delete(self, *keys: str) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(*keys)
-        await self._execute(pipe)
-
-    # --- readers --------------------------------------------------------------------------------------------
+    # --- readers ------------------------------------------------------------------------------------------
     async def check(self, numbers: Sequence[str]) -> CacheAnswer:
-        """Membership of each number, with what is needed to trust a "clear" (see CacheAnswer.current)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(BLACKLIST_SYNCED)
+        """Membership of each number, with the lease when a "clear" may be trusted: lease, sentinel and
+        membership read atomically (MULTI)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(BLACKLIST_LEASE)
         pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
         pipe.smismember(BLACKLIST_SET, list(numbers))
-        lease, exists, members = await self._execute(pipe)
-        assert isinstance(members, list)
-        return CacheAnswer([bool(m) for m in members], _int(lease), bool(exists))
+        with redis_errors("reading the blacklist"):
+            lease, sentinel, members = await pipe.execute()
+        return CacheAnswer([bool(m) for m in members], _position(lease) if sentinel else None)
 
+    async def view(self) -> View:
+        """The view's position, sentinel, lease and pending opt-outs (one MULTI)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(BLACKLIST_VIEW)
+        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
+        pipe.get(BLACKLIST_LEASE)
+        pipe.exists(BLACKLIST_NEXT)
+        with redis_errors("reading the view"):
+            fields, sentinel, lease, next_exists = await pipe.execute()
+        seq = fields.get("seq")
+        position = _position(f"{seq} {fields.get('lineage', '')}") if seq is not None else None
+        pending = {k[len(PENDING_FIELD_PREFIX):]: v for k, v in fields.items() if k.startswith(PENDING_FIELD_PREFIX)}
+        return View(position, bool(sentinel), _position(lease), pending, bool(next_exists))
+
+    async def state(self) -> ViewState:
+        return (await self.view()).state
+
+    async def is_current(self) -> bool:
+        """Whether a "clear" from the set may be trusted now (the lease and the sentinel)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(BLACKLIST_LEASE)
+        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
+        with redis_errors("reading the lease"):
+            lease, sentinel = await pipe.execute()
+        return bool(sentinel) and _position(lease) is not None
+
+    # --- the keeper ---------------------------------------------------------------------------------------
+    def keeper_lock(self, *, timeout: float) -> Lock:
+        """The keeper lock; acquire it with the token the scripts check (`acquire(token=..., blocking=False)`)."""
+        return Lock(self.client, BLACKLIST_KEEPER, timeout=timeout, blocking=False, raise_on_release_error=False)
+
+    async def apply(self, token: str, changes: Sequence[Change], *, expected: Position, new: Position,
+                    lease_ms: int, lock_ms: int, drop_pending: Sequence[str] = ()) -> Applied:
+        """Apply store changes in order if this keeper holds the lock and the view is at `expected`; mark it
+        at `new`, drop the pending fields of opt-outs it now holds, renew the lease when `lease_ms`, and
+        extend the lock. No changes and a lease = the keeper's proof the view is current."""
+        keys = [BLACKLIST_SET, BLACKLIST_VIEW, BLACKLIST_LEASE, BLACKLIST_KEEPER,
+                *(blacklist_entry_key(c.phone_number) for c in changes)]
+        args: list[str | int] = [token, str(expected.seq), str(new.seq), new.lineage, lease_ms, lock_ms,
+                                 BLACKLIST_SENTINEL, len(changes), len(drop_pending)]
+        for change in changes:
+            entry = change.entry.to_json() if change.entry is not None else ""
+            args += ["a" if change.entry is not None else "r", change.phone_number, entry]
+        args += [PENDING_FIELD_PREFIX + event_id for event_id in drop_pending]
+        with redis_errors("applying store changes"):
+            return Applied(await self._apply(keys=keys, args=args))
+
+    async def fill_next(self, entries: Sequence[BlacklistEntry], *, first: bool) -> None:
+        """Copy a batch of the store into the rebuild's set (emptied first when `first`), with the entries."""
+        pipe = self.client.pipeline(transaction=False)
+        if first:
+            pipe.delete(BLACKLIST_NEXT)
+        if entries:
+            pipe.sadd(BLACKLIST_NEXT, *(e.phone_number for e in entries))
+            pipe.mset({blacklist_entry_key(e.phone_number): e.to_json() for e in entries})
+        with redis_errors("copying the store"):
+            await pipe.execute()
+
+    async def swap(self, token: str, at: Position, *, grace_ms: int, lock_ms: int,
+                   drop_pending: Sequence[str] = ()) -> Applied:
+        """Make the rebuild's set the view, at `at`, with every pending number in it but those of `drop_pending`
+        (opt-outs the store held at `at`: the copy has them, or a removal since); the lease is held for
+        `grace_ms`."""
+        with redis_errors("swapping the rebuilt set in"):
+            return Applied(await self._swap(keys=[BLACKLIST_SET, BLACKLIST_NEXT, BLACKLIST_VIEW, BLACKLIST_LEASE,
+                                                  BLACKLIST_KEEPER],
+                                            args=[token, str(at.seq), at.lineage, BLACKLIST_SENTINEL, lock_ms,
+                                                  grace_ms, *(PENDING_FIELD_PREFIX + e for e in drop_pending)]))
+
+    async def drop_lease(self) -> None:
+        with redis_errors("dropping the lease"):
+            await self.client.delete(BLACKLIST_LEASE)
+
+    async def hold_lease(self, grace_ms: int) -> None:
+        """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile)."""
+        with redis_errors("holding the lease"):
+            await self.client.set(BLACKLIST_LEASE, "hold", px=grace_ms)
+
+    async def missing_from_next(self, *, batch: int = 5000) -> AsyncIterator[list[str]]:
+        """Numbers of the live set that the rebuild's copy lacks (a store that went back lost them)."""
+        cursor: int = 0
+        while True:
+            with redis_errors("comparing the set with the rebuild"):
+                cursor, found_members = await self.client.sscan(BLACKLIST_SET, cursor, count=batch)
+                members = [str(m) for m in found_members if not str(m).startswith("~")]
+                found = await self.client.smismember(BLACKLIST_NEXT, members) if members else []
+            missing = [m for m, there in zip(members, found, strict=True) if not there]
+            if missing:
+                yield missing
+            if cursor == 0:
+                return
+
+    async def entries(self, numbers: Sequence[str]) -> list[str | None]:
+        with redis_errors("reading entries"):
+            return [None if v is None else str(v) for v in await self.client.mget([blacklist_entry_key(n)
+                                                                                     for n in numbers])]
+
+    # --- SNS message ids (the bridge's dedupe) ----------------------------------------------------------
     async def message_seen(self, message_id: str) -> bool:
-        """Whether an SNS message id was applied (by any bridge) within SNS_MESSAGE_TTL_SECONDS."""
-        try:
-            return bool(await self._redis.exists(sns_message_key(message_id)))
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
+        """Whether an SNS message id was applied (by any bridge) within its TTL."""
+        with redis_errors("reading an SNS message id"):
+            return bool(await self.client.exists(sns_message_key(message_id)))
 
     async def remember_message(self, message_id: str, *, ttl: int) -> None:
-        try:
-            await self._redis.set(sns_message_key(message_id), "1", ex=ttl)
-        except (RedisError, OSError) as exc:
-            raise CacheUnavailable(f"Redis: {exc}") from exc
+        with redis_errors("remembering an SNS message id"):
+            await self.client.set(sns_message_key(message_id), "1", ex=ttl)

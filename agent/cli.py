@@ -25,6 +25,7 @@ from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavaila
 from agent.phone import mask
 from agent.pipeline import Status
 from agent.settings import Settings
+from agent.store import RemoveResult
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -69,12 +70,20 @@ async def cmd_add(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+REMOVAL_MESSAGES = {
+    RemoveResult.REMOVED: "removed (audited)",
+    RemoveResult.NOT_LISTED: "was not on the blacklist",
+    RemoveResult.OPTED_OUT_SINCE: "NOT removed: it opted out again after this removal was asked for (the newer "
+                                  "opt-out wins)",
+}
+
+
 async def cmd_remove(core: Core, args: argparse.Namespace) -> int:
-    removed, note = await admin.remove(core, args.number, reason=args.reason, actor=_actor())
-    print(f"{args.number}: {'removed (audited)' if removed else 'was not on the blacklist'}")
+    result, note = await admin.remove(core, args.number, reason=args.reason, actor=_actor())
+    print(f"{args.number}: {REMOVAL_MESSAGES[result]}")
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    return EXIT_OK if removed else EXIT_FOUND
+    return EXIT_OK if result is RemoveResult.REMOVED else EXIT_FOUND
 
 
 async def cmd_import(core: Core, args: argparse.Namespace) -> int:
@@ -145,20 +154,17 @@ async def cmd_history(core: Core, args: argparse.Namespace) -> int:
 
 
 async def cmd_sync_cache(core: Core, args: argparse.Namespace) -> int:
-    if core.cache_sync is None:
-        print("error: Redis is not configured (REDIS_URL or REDIS_HOST)", file=sys.stderr)
+    if core.keeper is None:
+        print("error: Redis is not configured (REDIS_URL, REDIS_HOST or REDIS_SENTINELS)", file=sys.stderr)
         return EXIT_ERROR
-    for _ in range(120):  # a running agent's keeper may hold the rebuild: wait for it (up to a minute)
-        total = await core.cache_sync.rebuild(exact=args.exact)
-        if total >= 0:
-            break
-        await asyncio.sleep(0.5)
-    else:
-        print("error: Redis could not be rebuilt: another keeper kept rebuilding, or the set was lost during "
-              "every copy", file=sys.stderr)
+    total = await core.keeper.rebuild()
+    if total < 0:
+        print("error: Redis could not be rebuilt: the keeper lock stayed taken, or the rebuild was not swapped in",
+              file=sys.stderr)
         return EXIT_ERROR
-    await core.cache_sync.tick()
-    print(f"Redis rebuilt from the store: {total} numbers{' (exact)' if args.exact else ''}")
+    current = await core.keeper.settle(await core.store.head())
+    print(f"Redis rebuilt from the store: {total} numbers" + ("" if current else
+          "; not proven current yet (a keeper proves it within a few rounds)"))
     return EXIT_OK
 
 
@@ -284,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("history", help="the timeline of every action on one number")
     h.add_argument("number", metavar="NUMBER")
     h.add_argument("--json", action="store_true", help="JSON lines instead of the timeline")
-    s = sub.add_parser("sync-cache", help="rebuild Redis from the store")
-    s.add_argument("--exact", action="store_true", help="replace the set (drops numbers the store no longer lists)")
+    s = sub.add_parser("sync-cache", help="rebuild the Redis view from the store (a copy swapped in: numbers the "
+                                          "store no longer lists leave it; unstored opt-outs stay)")
+    s.add_argument("--exact", action="store_true", help=argparse.SUPPRESS)  # every rebuild is exact now
     k = sub.add_parser("parked", help="opt-outs set aside in the journal (the store or SNS keeps refusing them)")
     k.add_argument("--retry", nargs="+", metavar="EVENT_ID", help="give them back to the replayer ('all' for all)")
     au = sub.add_parser("audit", help="the tamper-evident audit chain")

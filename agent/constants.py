@@ -4,32 +4,25 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-# --- Redis keys read by the dialers' pre-dial check -------------------------------------------------
+# --- Redis: the dialers' view of the blacklist (agent/cache.py draws the whole model) --------------------
 BLACKLIST_SET = "blacklist:numbers"
-"""Set of every blacklisted E.164 number (permanent)."""
-BLACKLIST_SYNCED = "blacklist:synced"
-"""The currency lease: present (value: the store sequence Redis holds) only while an agent has checked, within
-the lease time, that the set holds every change the store has. Readers trust a "clear" answer only while it
-exists; it expires by itself when nobody checks."""
-BLACKLIST_SEQ = "blacklist:seq"
-"""The store sequence (audit row id) of the last change applied to the set (permanent)."""
-BLACKLIST_IMPORTING = "blacklist:importing"
-"""Present (short TTL, renewed per batch) while a bulk import applies its own changes to the set: keepers
-leave the change feed to it meanwhile, instead of re-applying a million rows it is writing anyway."""
+"""Set of every blacklisted E.164 number the view holds (store changes plus unstored opt-outs)."""
 BLACKLIST_SENTINEL = "~sentinel"
-"""A member only a completed rebuild from the store adds, so an empty blacklist still has a set, and a set
-without it (missing, or re-created by a write since) means "lost"."""
-BLACKLIST_REBUILDING = "blacklist:rebuilding"
-"""Present (short TTL, renewed per batch) while one keeper rebuilds the set from the store; its value is the
-rebuild's token, also put in the set as a member `~rebuild:{token}` so a set lost during the copy is caught."""
+"""A member only a keeper's rebuild puts in the set: a set without it (missing, or re-created by a writer's
+SADD since) was lost."""
+BLACKLIST_LEASE = "blacklist:synced"
+"""The currency lease (value `"{seq} {lineage}"`, expires by itself): present only while the keeper has proven,
+within the lease time, that the set holds every change of the store up to `seq`. (The key keeps its first
+name: dialers that read Redis directly test `EXISTS blacklist:synced`.)"""
+BLACKLIST_VIEW = "blacklist:view"
+"""Hash: `seq` and `lineage` (the store change the set holds up to, and that row's chain hash), and one field
+`p:{eventId}` -> number per opt-out some writer holds that the store may not have yet."""
+BLACKLIST_NEXT = "blacklist:numbers:next"
+"""The keeper's rebuild copies the store here, then swaps it in for the set in one script."""
+BLACKLIST_KEEPER = "blacklist:keeper"
+"""The keeper lock (redis-py `Lock`: a token with an expiry the keeper extends)."""
+PENDING_FIELD_PREFIX = "p:"
 ACTION_TTL_SECONDS = 24 * 3600
-PENDING_TTL_SECONDS = 24 * 3600
-
-
-def pending_key(phone_number: str) -> str:
-    """`blacklist:pending:{phoneNumber}`: an opt-out accepted (epoch ms) that the store may not hold yet; a
-    removal applied from the store's change feed never takes out a number accepted after it."""
-    return f"blacklist:pending:{phone_number}"
 
 
 def sns_message_key(message_id: str) -> str:
@@ -59,6 +52,9 @@ def campaign_counter_key(campaign_id: str) -> str:
 TABLE_SCHEMA_VERSION = "optout_schema_version"
 TABLE_IMPORTS = "optout_imports"
 """How far each bulk import file (by SHA-256) was committed: a re-run resumes there."""
+CHANGE_NOTIFY_CHANNEL = "optout_changes"
+"""PostgreSQL NOTIFY channel: a statement trigger on the audit trail notifies it at every commit (the keepers'
+push)."""
 CHAIN_LOCK = 0x0F7_0A8
 """pg_advisory_xact_lock key every writer of the audit trail takes: one chain, appended in commit order."""
 

@@ -11,11 +11,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from agent.backoff import Backoff
-from agent.cache import RedisCache
-from agent.cache_sync import CacheSync
+from agent.cache import RedisCache, connect
 from agent.errors import StoreUnavailable
 from agent.guard import DialGuard
 from agent.journal import Journal
+from agent.keeper import CacheKeeper
 from agent.pipeline import OptOutPipeline
 from agent.precheck import BlacklistChecker
 from agent.settings import Settings
@@ -33,7 +33,7 @@ class Core:
     settings: Settings
     store: Store
     cache: RedisCache | None
-    cache_sync: CacheSync | None
+    keeper: CacheKeeper | None
     journal: Journal
     pipeline: OptOutPipeline
     checker: BlacklistChecker
@@ -55,16 +55,17 @@ async def open_core(
     journal = await stack.enter_async_context(
         Journal(settings.journal_path, publish=publish, sync=settings.optout_journal_sync))
     store = await stack.enter_async_context(make_store(settings, create=create_store))
-    cache = cache_sync = None
-    if settings.redis_dsn is not None:
-        cache = await stack.enter_async_context(RedisCache(settings.redis_dsn))
-        cache_sync = CacheSync(store=store, cache=cache, journal=journal, interval=settings.cache_sync_interval_seconds,
-                               lease=settings.cache_lease_seconds)
-    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache, on_stored=on_stored,
-                              on_cache_error=cache_sync.mark_dirty if cache_sync else None)
-    checker = BlacklistChecker(store=store, cache=cache, region=settings.optout_default_region)
+    cache = keeper = None
+    if settings.redis_dsn is not None or settings.sentinels:
+        client = connect(settings.redis_dsn, sentinels=settings.sentinels, service=settings.redis_sentinel_service)
+        cache = await stack.enter_async_context(RedisCache(client=client))
+        interval = settings.cache_sync_interval_seconds
+        keeper = CacheKeeper(store=store, cache=cache, journal=journal, interval=interval,
+                             lease=settings.cache_lease_seconds, grace=max(1.0, 4 * interval))
+    pipeline = OptOutPipeline(journal=journal, store=store, cache=cache, on_stored=on_stored)
+    checker = BlacklistChecker(store=store, cache=cache, journal=journal, region=settings.optout_default_region)
     guard = DialGuard(checker=checker, store=store)
-    return Core(settings, store, cache, cache_sync, journal, pipeline, checker, guard)
+    return Core(settings, store, cache, keeper, journal, pipeline, checker, guard)
 
 
 async def supervised(name: str, run: Callable[[], Awaitable[None]]) -> None:

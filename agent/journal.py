@@ -42,7 +42,7 @@ log = logging.getLogger("agent.journal")
 JournalSync = Literal["relaxed", "strict"]
 PARK_AFTER = 3
 """Refusals by the store (not connectivity failures) after which a record is parked."""
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
     event_id        TEXT PRIMARY KEY,
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS journal (
 CREATE INDEX IF NOT EXISTS journal_unstored ON journal (stored) WHERE stored = 0;
 CREATE INDEX IF NOT EXISTS journal_unpublished ON journal (published) WHERE published = 0;
 CREATE INDEX IF NOT EXISTS journal_source ON journal (source_event_id) WHERE source_event_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS journal_unstored_number ON journal (phone_number) WHERE stored = 0;
 CREATE TABLE IF NOT EXISTS journal_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
 """
 _UPGRADE_1 = ("ALTER TABLE journal ADD COLUMN parked INTEGER NOT NULL DEFAULT 0",
@@ -335,12 +336,23 @@ class Journal(Resource):
             "SELECT record FROM journal WHERE published = 0 ORDER BY journaled_at LIMIT ?", (limit,))
         return [OptOutRecord.from_json(r[0]) for r in rows]
 
-    async def pending_numbers(self) -> list[str]:
-        """Numbers of every record not in the store yet (parked ones included): they must stay visible to the
-        dialers whatever the store holds."""
+    async def unstored_numbers(self) -> list[tuple[str, str]]:
+        """(event id, number) of every record not in the store yet, parked ones included: they must stay
+        visible to the dialers whatever the store holds (re-asserted in Redis every keeper round)."""
         rows = await self._query(
-            "SELECT DISTINCT phone_number FROM journal WHERE stored = 0 AND phone_number IS NOT NULL")
-        return [str(r[0]) for r in rows]
+            "SELECT event_id, phone_number FROM journal WHERE stored = 0 AND phone_number IS NOT NULL")
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def holding(self, numbers: Sequence[str]) -> set[str]:
+        """Which of `numbers` have an opt-out here that the store may not have yet (parked ones included)."""
+        found: set[str] = set()
+        for i in range(0, len(numbers), 500):
+            chunk = tuple(numbers[i : i + 500])
+            rows = await self._query(
+                f"SELECT DISTINCT phone_number FROM journal WHERE stored = 0 AND phone_number IN"
+                f" ({','.join('?' * len(chunk))})", chunk)
+            found.update(str(r[0]) for r in rows)
+        return found
 
     async def depth(self) -> int:
         """How many records wait for the store (parked ones included)."""

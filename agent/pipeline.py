@@ -76,7 +76,7 @@ class OptOutPipeline:
 
     def __init__(
         self, *, journal: Journal, store: Store, cache: RedisCache | None, hangup_timeout: float = 2.0,
-        on_stored: Callable[[], None] | None = None, on_cache_error: Callable[[], None] | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self.journal = journal
         self.store = store
@@ -86,7 +86,6 @@ class OptOutPipeline:
         self._held: dict[str, OptOutRecord] = {}
         """Opt-outs neither the journal nor the store took: retried by the replayer until one of them does."""
         self._on_stored = on_stored
-        self._on_cache_error = on_cache_error
         # Concurrent opt-outs share store transactions and Redis round trips (group commit).
         self._store_batch: Batcher[OptOutRecord, StoreResult] = Batcher(self.write_isolated, name="store-flush")
         self._cache_batch = Batcher(cache.write_optouts, name="redis-flush") if cache else None
@@ -167,9 +166,8 @@ class OptOutPipeline:
             visible_at = await self._cache_batch.submit(record)
         except CacheUnavailable as exc:
             metrics.CACHE_ERRORS.inc()
-            if self._on_cache_error is not None:
-                self._on_cache_error()
-            log.warning("Redis write failed for %s (the cache keeper re-adds it): %s", record.event_id, exc)
+            log.warning("Redis write failed for %s (re-asserted from the journal every keeper round, and the "
+                        "keeper applies it from the store): %s", record.event_id, exc)
             return None
         if record.phone_number is not None:
             metrics.PRESS_TO_VISIBLE.observe(

@@ -1,12 +1,14 @@
 """The pre-dial check: never "clear" for a number that opted out.
 
-- A number Redis lists is blacklisted (Redis is written before the store, so during a store outage it is the
-  only place that already knows).
-- A "clear" from Redis is trusted only while the set is proven current: the lease `blacklist:synced` exists
-  (an agent checked within the lease time that the set holds every change of the store) and the set
-  exists. With `strict=True` (`optout check`) the lease's sequence must also have reached the store's own
-  head, read now; when the store cannot be read, the lease alone decides.
-- Otherwise the store answers; when nobody can answer, the number's answer is None (callers fail closed).
+- A number the view in Redis lists is blacklisted (writers put it there before the store has it).
+- A "clear" from Redis is trusted only while the view is CURRENT (agent/cache.py): the lease, the sentinel
+  and membership read in one MULTI. With `strict=True` (`optout check`) the store must also agree that the
+  lease's sequence is its head and the lease's lineage the hash of that row (a store restored from a backup
+  or a promoted replica is another history); when the store cannot be read, the lease alone decides.
+- Otherwise the store answers, together with this process's journal: an opt-out journaled here that the
+  store does not have yet (the store down, locked, refusing) is blacklisted. This is also how the embedded
+  mode without Redis answers.
+- When nobody can answer, the number's answer is None (callers fail closed).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Sequence
 
 from agent import metrics
 from agent.cache import RedisCache
-from agent.errors import CacheUnavailable, StoreUnavailable
+from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
+from agent.journal import Journal
 from agent.phone import normalise
-from agent.store import Store
+from agent.store import Position, Store
 
 log = logging.getLogger("agent.precheck")
 
@@ -26,9 +29,10 @@ log = logging.getLogger("agent.precheck")
 class BlacklistChecker:
     """Pre-dial checks for one number or a batch."""
 
-    def __init__(self, *, store: Store, cache: RedisCache | None, region: str) -> None:
+    def __init__(self, *, store: Store, cache: RedisCache | None, journal: Journal | None, region: str) -> None:
         self._store = store
         self._cache = cache
+        self._journal = journal
         self._region = region
 
     def normalise(self, numbers: Sequence[str]) -> list[str]:
@@ -40,33 +44,36 @@ class BlacklistChecker:
         answers: list[bool | None] = [None] * len(numbers)
         if not numbers:
             return []
-        current = False
+        trusted = False
         if self._cache is not None:
             try:
                 cached = await self._cache.check(numbers)
                 answers = [True if m else None for m in cached.members]
-                current = cached.current
-                if current and strict and cached.lease is not None:
-                    current = await self._caught_up(cached.lease)
+                if cached.lease is not None:
+                    trusted = not strict or await self._store_agrees(cached.lease)
             except CacheUnavailable as exc:
                 metrics.CACHE_ERRORS.inc()
                 log.debug("pre-dial check falls back to the store: %s", exc)
-        unknown = [i for i, a in enumerate(answers) if a is None]
+        unknown = [numbers[i] for i, a in enumerate(answers) if a is None]
         if not unknown:
             return answers
-        if current:
+        if trusted:
             return [a if a is not None else False for a in answers]
         try:
-            found = await self._store.blacklisted([numbers[i] for i in unknown])
+            held = await self._journal.holding(unknown) if self._journal is not None else set()
+        except JournalError as exc:
+            log.warning("pre-dial check: the journal cannot be read, so its unstored opt-outs are unknown: %s", exc)
+            return answers
+        try:
+            found = await self._store.blacklisted([n for n in unknown if n not in held]) | held
         except StoreUnavailable as exc:
             log.warning("pre-dial check: neither a current cache nor the store can answer: %s", exc)
-            return answers
-        for i in unknown:
-            answers[i] = numbers[i] in found
-        return answers
+            return [True if a is None and numbers[i] in held else a for i, a in enumerate(answers)]
+        return [a if a is not None else numbers[i] in found for i, a in enumerate(answers)]
 
-    async def _caught_up(self, lease_seq: int) -> bool:
+    async def _store_agrees(self, lease: Position) -> bool:
         try:
-            return lease_seq >= await self._store.head()
+            store = await self._store.position(lease.seq)
         except StoreUnavailable:
-            return True  # the lease was renewed within its time by an agent that could read the store
+            return True  # the lease was renewed within its time by a keeper that could read the store
+        return store.head.seq <= lease.seq and store.lineage_at == lease.lineage

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     redis_host: str | None = None
     redis_port: int = 6379
+    redis_sentinels: str = ""
+    """`host:port,host:port`: find the Redis primary through these Sentinels (instead of REDIS_URL)."""
+    redis_sentinel_service: str = "optout"
 
     # --- behaviour ---------------------------------------------------------------------------------
     optout_digit: str = DEFAULT_OPTOUT_DIGIT
@@ -152,6 +155,21 @@ class Settings(BaseSettings):
         if self.redis_host:
             return f"redis://{self.redis_host}:{self.redis_port}/0"
         return None
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for item in filter(None, (i.strip() for i in value.split(","))):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs."""
+        pairs = (i.strip().rpartition(":") for i in self.redis_sentinels.split(",") if i.strip())
+        return [(host, int(port)) for host, _, port in pairs]
 
     @property
     def ami_contexts(self) -> frozenset[str]:

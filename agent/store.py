@@ -3,7 +3,7 @@ part of every write they share: deciding outcomes and building the chained audit
 
 Every write of the audit trail (opt-outs, removals, imports, prevented calls) appends under one lock, so
 the audit row id is also the blacklist's change sequence, in commit order: `head()` and `changes()` are
-the feed the Redis cache follows (agent/cache_sync.py). Both backends pass the same tests
+the feed the Redis cache follows (agent/keeper.py). Both backends pass the same tests
 (tests/test_store.py runs every test against each).
 """
 
@@ -15,13 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from importlib import resources
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from agent import audit
-from agent.constants import Outcome, Source
+from agent.constants import CHANGE_OUTCOMES, Outcome, Source
 from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord, iso_z, outcome_of
 
@@ -50,6 +51,35 @@ class Removal:
     actor: str
     event_id: str
     at: datetime
+    seen_seq: int
+    """The store's head when the removal was asked for: an opt-out stored after it is newer and wins."""
+
+
+class RemoveResult(Enum):
+    """What `Store.remove` did."""
+
+    REMOVED = "removed"
+    NOT_LISTED = "not_listed"
+    """The number was not on the blacklist: nothing written."""
+    OPTED_OUT_SINCE = "opted_out_since"
+    """An opt-out of the number was stored after `seen_seq`: it is newer than the removal, which is refused."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """A point in the store's history: a change sequence (audit row id) and the chain hash of that row (its
+    lineage: the hash covers every row before it, so another history, a restored backup or a promoted replica,
+    has another hash at the same sequence). Sequence 0 is the empty store, lineage ""."""
+
+    seq: int
+    lineage: str
+
+
+@dataclass(frozen=True)
+class StorePosition:
+    head: Position
+    lineage_at: str | None
+    """The lineage of the row asked about (None: the store has no such row: it went back)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +94,10 @@ class Change:
     entry: BlacklistEntry | None = None
     event_id: str | None = None
     visible: bool = True
-    """For an add: whether the writer saw it in Redis before storing it (else the cache made it visible)."""
+    """For an add: whether the writer saw it in Redis before storing it, or nobody waits on it (an import);
+    else the keeper notes when it made it visible."""
+    lineage: str = ""
+    """The row's chain hash (Position.lineage)."""
 
 
 def migrations(dialect: str) -> list[tuple[int, str, str]]:
@@ -170,13 +203,42 @@ def action_filters(
     return clauses, params
 
 
+LINEAGE_SQL = "coalesce(a.row_hash, 'event:' || a.event_id)"
+"""A row's lineage (rows from before the chain have no hash: their event id stands in)."""
+CHANGES_SQL = (
+    "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id, a.campaign_id,"
+    " a.contact_id, a.pressed_at, a.event_id, a.visible_at IS NOT NULL OR v.event_id IS NOT NULL OR"
+    f" a.journaled_at IS NULL, {LINEAGE_SQL} FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
+    " WHERE a.id > {m} AND a.id <= {m} AND a.phone_number IS NOT NULL AND a.outcome IN ("
+    + ", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES) + ") ORDER BY a.id LIMIT {m}")
+"""The change feed (both dialects; `{m}` is the placeholder). Only opt-outs a writer journaled count as
+made visible late when the writer could not (imports and recoveries have nobody waiting on them)."""
+POSITION_SQL = (f"SELECT a.id, {LINEAGE_SQL} FROM optout_actions a"
+                " WHERE a.id = (SELECT max(id) FROM optout_actions) OR a.id = {m}")
+
+
+def removal_refused_sql(mark: str) -> str:
+    """Whether an opt-out of a number was stored after a sequence (parameters: number, sequence)."""
+    return (f"SELECT 1 FROM optout_actions WHERE phone_number = {mark} AND id > {mark} AND outcome IN"
+            f" ('{Outcome.BLACKLISTED.value}', '{Outcome.ALREADY_BLACKLISTED.value}') LIMIT 1")
+
+
+def position_of(rows: Sequence[Sequence[Any]], at: int | None) -> StorePosition:
+    """The result of POSITION_SQL as a StorePosition."""
+    lineages = {int(r[0]): str(r[1]) for r in rows}
+    head = max(lineages, default=0)
+    lineage_at = None if at is None else ("" if at == 0 else lineages.get(at))
+    return StorePosition(Position(head, lineages.get(head, "")), lineage_at)
+
+
 def change_of(row: Sequence[Any]) -> Change:
-    """A change feed row: (id, phone, outcome, received_at, reason, source, call, campaign, contact, pressed_at,
-    event_id, visible) -> Change. Timestamps may come as datetimes (PostgreSQL) or text (SQLite)."""
-    seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible = row
+    """A change feed row (CHANGES_SQL) -> Change. Timestamps may come as datetimes (PostgreSQL) or text
+    (SQLite)."""
+    (seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible,
+     lineage) = row
     at = datetime.fromisoformat(at) if isinstance(at, str) else at
     if outcome == Outcome.REMOVED.value:
-        return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id)
+        return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id, lineage=lineage)
     if isinstance(pressed_at, str):
         pressed_at = datetime.fromisoformat(pressed_at)
     meta = {k: v for k, v in (("callId", call_id), ("campaignId", campaign_id), ("contactId", contact_id),
@@ -189,7 +251,7 @@ def change_of(row: Sequence[Any]) -> Change:
                   exc.errors(include_url=False)[0].get("msg"))
         entry = BlacklistEntry(phone_number=phone, added_at=at, reason="opted out", source=Source.USER_OPTOUT)
     return Change(seq=int(seq), phone_number=phone, op="add", at=at, entry=entry, event_id=event_id,
-                  visible=bool(visible))
+                  visible=bool(visible), lineage=lineage)
 
 
 @dataclass(frozen=True)
@@ -250,8 +312,9 @@ class Store(Resource, ABC):
         """
 
     @abstractmethod
-    async def remove(self, removal: Removal) -> bool:
-        """Take a number off the blacklist and audit it; False when it was not on the list."""
+    async def remove(self, removal: Removal) -> RemoveResult:
+        """Take a number off the blacklist and audit it, under the writers' lock, unless an opt-out of it was
+        stored after `removal.seen_seq` (the store decides the order, by its own sequence)."""
 
     @abstractmethod
     async def append_action(self, row: dict[str, Any]) -> None:
@@ -268,6 +331,19 @@ class Store(Resource, ABC):
     @abstractmethod
     async def head(self) -> int:
         """The change sequence: the id of the newest audit row (0 when there is none)."""
+
+    @abstractmethod
+    async def position(self, at: int | None = None) -> StorePosition:
+        """The head and its lineage, and the lineage of the row `at` (one query)."""
+
+    @abstractmethod
+    async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
+        """Which of these events the audit trail holds, with their sequence."""
+
+    @abstractmethod
+    def watch(self) -> AsyncIterator[None]:
+        """Yields soon after any writer (any process) commits to the store: the keeper's push. Raises
+        StoreUnavailable when it cannot watch."""
 
     @abstractmethod
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:

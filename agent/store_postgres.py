@@ -24,15 +24,19 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from agent import audit
-from agent.constants import CHAIN_LOCK, CHANGE_OUTCOMES, TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.constants import CHAIN_LOCK, CHANGE_NOTIFY_CHANNEL, TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
 from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import (
+    CHANGES_SQL,
+    POSITION_SQL,
     Change,
     ImportBatch,
     ImportMark,
     Removal,
+    RemoveResult,
     Store,
+    StorePosition,
     StoreResult,
     WritePlan,
     action_filters,
@@ -42,6 +46,8 @@ from agent.store import (
     metadata_json,
     migrations,
     plan_write,
+    position_of,
+    removal_refused_sql,
 )
 
 _MIGRATION_LOCK = 0x0F7_0A7  # pg_advisory_xact_lock key: one migrator at a time
@@ -74,7 +80,6 @@ WITH bl AS (
 )
 SELECT 1
 """
-_CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
 # Connectivity, timeouts and server trouble: the batch can be retried as it is.
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.LockNotAvailable,
               psycopg.errors.QueryCanceled, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
@@ -154,6 +159,7 @@ class PostgresStore(Store):
                     "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3},
         )
         self._operation_timeout = operation_timeout
+        self._conninfo = conninfo
         self._opened = False
         try:
             info = conninfo_to_dict(conninfo)
@@ -289,19 +295,22 @@ class PostgresStore(Store):
             audit.chain([row], head)
             await conn.execute(_INSERT_ACTION, _action_params(row))
 
-    async def remove(self, removal: Removal) -> bool:
+    async def remove(self, removal: Removal) -> RemoveResult:
         async with self._tx(pipelined=True) as conn:
             _, _, head = await self._lock_and_read(conn, [], [])
+            cur = await conn.execute(removal_refused_sql("%s"), (removal.phone_number, removal.seen_seq))
+            if await cur.fetchone() is not None:
+                return RemoveResult.OPTED_OUT_SINCE
             cur = await conn.execute(
                 "DELETE FROM blacklist WHERE phone_number = %s RETURNING 1", (removal.phone_number,)
             )
             if await cur.fetchone() is None:
-                return False
+                return RemoveResult.NOT_LISTED
             row = admin_row(event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED,
                             at=removal.at, recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason)
             audit.chain([row], head)
             await conn.execute(_INSERT_ACTION, _action_params(row))
-        return True
+        return RemoveResult.REMOVED
 
     async def import_batch(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str,
@@ -437,16 +446,41 @@ class PostgresStore(Store):
 
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
         async with self._tx() as conn:
-            cur = await conn.execute(
-                "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id,"
-                " a.campaign_id, a.contact_id, a.pressed_at, a.event_id,"
-                " a.visible_at IS NOT NULL OR v.event_id IS NOT NULL"
-                " FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
-                f" WHERE a.id > %s AND a.id <= %s AND a.phone_number IS NOT NULL AND a.{_CHANGE_FILTER}"
-                " ORDER BY a.id LIMIT %s",
-                (after, upto, limit),
-            )
+            cur = await conn.execute(CHANGES_SQL.format(m="%s"), (after, upto, limit))
             return [change_of(row) for row in await cur.fetchall()]
+
+    async def position(self, at: int | None = None) -> StorePosition:
+        async with self._tx() as conn:
+            cur = await conn.execute(POSITION_SQL.format(m="%s"), (-1 if at is None else at,))
+            return position_of(await cur.fetchall(), at)
+
+    async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
+        if not event_ids:
+            return {}
+        async with self._tx() as conn:
+            cur = await conn.execute("SELECT event_id, id FROM optout_actions WHERE event_id = ANY(%s)",
+                                     (list(event_ids),))
+            return {str(e): int(i) for e, i in await cur.fetchall()}
+
+    async def watch(self) -> AsyncIterator[None]:
+        """LISTEN on the channel a statement trigger on the audit trail notifies at every commit."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=3,
+                                                         keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                                                         keepalives_count=3)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"{self.location}: cannot listen for changes: {exc}") from exc
+        try:
+            await conn.execute(f"LISTEN {CHANGE_NOTIFY_CHANNEL}")
+            while True:
+                async for _ in conn.notifies(timeout=5.0, stop_after=1):
+                    yield
+                # No news within the timeout: prove the connection still works.
+                await conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"{self.location}: listening for changes failed: {exc}") from exc
+        finally:
+            await conn.close()
 
     async def history(self, phone_number: str) -> list[dict[str, Any]]:
         async with self._tx() as conn:

@@ -7,6 +7,7 @@ they sort and compare as text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import uuid
@@ -16,16 +17,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import audit
-from agent.constants import CHANGE_OUTCOMES, TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.constants import TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
 from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.sqlite_db import SqliteDb, transaction
 from agent.store import (
+    CHANGES_SQL,
+    POSITION_SQL,
     Change,
     ImportBatch,
     ImportMark,
     Removal,
+    RemoveResult,
     Store,
+    StorePosition,
     StoreResult,
     WritePlan,
     action_filters,
@@ -35,6 +40,8 @@ from agent.store import (
     metadata_json,
     migrations,
     plan_write,
+    position_of,
+    removal_refused_sql,
 )
 
 T = TypeVar("T")
@@ -43,7 +50,6 @@ _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                   f"VALUES ({', '.join(f':{c}' for c in _ROW_COLUMNS)})")
 _INSERT_ACTION_ROW = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
                       f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)})")
-_CHANGE_FILTER = "outcome IN ({})".format(", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES))
 
 
 def ts(value: datetime | None) -> str | None:
@@ -188,18 +194,20 @@ class SqliteStore(Store):
 
         await self._run(append)
 
-    async def remove(self, removal: Removal) -> bool:
+    async def remove(self, removal: Removal) -> RemoveResult:
         return await self._run(self._remove, removal)
 
-    def _remove(self, conn: sqlite3.Connection, removal: Removal) -> bool:
+    def _remove(self, conn: sqlite3.Connection, removal: Removal) -> RemoveResult:
         with transaction(conn):
+            if conn.execute(removal_refused_sql("?"), (removal.phone_number, removal.seen_seq)).fetchone():
+                return RemoveResult.OPTED_OUT_SINCE
             if conn.execute("DELETE FROM blacklist WHERE phone_number = ?", (removal.phone_number,)).rowcount == 0:
-                return False
+                return RemoveResult.NOT_LISTED
             row = admin_row(event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED,
                             at=removal.at, recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason)
             audit.chain([row], self._read(conn, [], [])[2])
             conn.execute(_INSERT_ACTION, _params(row))
-        return True
+        return RemoveResult.REMOVED
 
     async def import_batch(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str,
@@ -296,13 +304,36 @@ class SqliteStore(Store):
                                                .fetchone()[0]))
 
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
-        rows = await self._run(lambda c: c.execute(
-            "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id, a.campaign_id,"
-            " a.contact_id, a.pressed_at, a.event_id, a.visible_at IS NOT NULL OR v.event_id IS NOT NULL"
-            " FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
-            f" WHERE a.id > ? AND a.id <= ? AND a.phone_number IS NOT NULL AND a.{_CHANGE_FILTER}"
-            " ORDER BY a.id LIMIT ?", (after, upto, limit)).fetchall())
+        rows = await self._run(lambda c: c.execute(CHANGES_SQL.format(m="?"), (after, upto, limit)).fetchall())
         return [change_of(row) for row in rows]
+
+    async def position(self, at: int | None = None) -> StorePosition:
+        rows = await self._run(lambda c: c.execute(POSITION_SQL.format(m="?"), (-1 if at is None else at,))
+                               .fetchall())
+        return position_of(rows, at)
+
+    async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for i in range(0, len(event_ids), 500):
+                chunk = list(event_ids[i : i + 500])
+                found.update((str(e), int(n)) for e, n in conn.execute(
+                    f"SELECT event_id, id FROM optout_actions WHERE event_id IN ({','.join('?' * len(chunk))})",
+                    chunk))
+            return found
+
+        return await self._run(read) if event_ids else {}
+
+    async def watch(self, *, every: float = 0.02) -> AsyncIterator[None]:
+        """SQLite has no notifications: the head is polled (an index lookup) every `every` seconds, which also
+        sees commits of other processes on the same file."""
+        last = await self.head()
+        while True:
+            await asyncio.sleep(every)
+            head = await self.head()
+            if head != last:
+                last = head
+                yield
 
     async def history(self, phone_number: str) -> list[dict[str, Any]]:
         return await self._run(lambda c: _rows(c.execute(

@@ -103,8 +103,8 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             named = {"journal-replayer": replayer.run, "store-migrate": lambda: migrate_until_done(core.store),
                      "health": health.run}
-            if core.cache_sync is not None:
-                named["cache-sync"] = core.cache_sync.run
+            if core.keeper is not None:
+                named["cache-keeper"] = core.keeper.run
             tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]
             intake = None
             if poller is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from agent.constants import BLACKLIST_SENTINEL, BLACKLIST_SET, BLACKLIST_SYNCED
+from agent.constants import BLACKLIST_LEASE, BLACKLIST_SENTINEL, BLACKLIST_SET
 from tests.conftest import PG_BASE
 
 
@@ -84,17 +84,17 @@ def test_import_reports_bad_rows_by_line_and_stores_good_ones(env: dict[str, str
     assert len(audit) == 2 and "+14155550123" in audit[1]
 
 
-def test_sync_cache_exact_rebuilds_redis_and_drops_removed_numbers(env: dict[str, str],
-                                                                   redis_sync: redis.Redis) -> None:
+def test_sync_cache_rebuilds_redis_and_drops_numbers_the_store_does_not_list(env: dict[str, str],
+                                                                              redis_sync: redis.Redis) -> None:
     assert optout(env, "migrate").returncode == 0
     optout(env, "add", "0501234567")
     optout(env, "add", "0521234567")
-    redis_sync.sadd(BLACKLIST_SET, "+972539999999")  # stale: not in the store
-    redis_sync.delete(BLACKLIST_SYNCED)
-    out = optout(env, "sync-cache", "--exact")
-    assert out.returncode == 0 and "2 numbers" in out.stdout
+    redis_sync.sadd(BLACKLIST_SET, "+972539999999")  # stale: not in the store, and nobody holds it pending
+    redis_sync.delete(BLACKLIST_LEASE)
+    out = optout(env, "sync-cache")
+    assert out.returncode == 0 and "2 numbers" in out.stdout, out.stdout + out.stderr
     assert redis_sync.smembers(BLACKLIST_SET) == {"+972501234567", "+972521234567", BLACKLIST_SENTINEL}
-    assert redis_sync.exists(BLACKLIST_SYNCED)
+    assert redis_sync.exists(BLACKLIST_LEASE)
 
 
 def test_embedded_store_is_shared_by_every_command_wherever_it_runs(tmp_path: Path) -> None:

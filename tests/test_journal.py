@@ -119,7 +119,9 @@ async def test_parked_records_are_listed_and_can_be_given_back(journal: Journal)
     [parked] = await journal.parked()
     assert parked.event_id == rec.event_id and parked.last_error == "refused" and parked.kind == "store"
     assert await journal.unstored() == []
-    assert await journal.pending_numbers() == [rec.phone_number], "a parked number stays visible to dialers"
+    assert await journal.unstored_numbers() == [(rec.event_id, rec.phone_number)], \
+        "a parked number stays visible to dialers"
+    assert await journal.holding([rec.phone_number or "", "+15550000000"]) == {rec.phone_number}
     assert await journal.unpark() == 1
     assert [r.event_id for r in await journal.unstored()] == [rec.event_id]
 

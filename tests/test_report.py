@@ -76,7 +76,7 @@ async def build(store: Store) -> None:
     assert b.pressed_at is not None
     await store.record_visibility([(b.event_id, b.pressed_at + 50 * ms)])
     assert await store.remove(Removal(N["B"], REMOVED_REASON, "dana", f"remove-{uuid.uuid4()}",
-                                      D1 + timedelta(hours=12)))
+                                      D1 + timedelta(hours=12), seen_seq=await store.head()))
     await store.append_action(admin_row(
         event_id=f"prevented-{uuid.uuid4()}", phone_number=N["A"], outcome=Outcome.PREVENTED,
         at=D2 + timedelta(hours=9), recorded_at=datetime.now(UTC), actor=None,
@@ -167,7 +167,8 @@ async def test_report_html_shows_figures_masked_and_escaped(store: Store, tmp_pa
 
 async def test_report_csv_tables(store: Store, tmp_path: Path) -> None:
     await build(store)
-    await store.remove(Removal(N["C"], "=HYPERLINK(\"x\")", "eve", f"remove-{uuid.uuid4()}", D2))
+    await store.remove(Removal(N["C"], "=HYPERLINK(\"x\")", "eve", f"remove-{uuid.uuid4()}", D2,
+                               seen_seq=await store.head()))
     data = await report.collect(store, since=None, until=None, campaign=None)
     paths = report.write_csv(data, tmp_path / "csv", chain=await verified(store))
 

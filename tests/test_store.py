@@ -16,7 +16,7 @@ from agent.audit import GENESIS, ChainVerifier
 from agent.constants import Origin, Outcome, Source
 from agent.errors import SchemaMissing, StoreRejected
 from agent.optout import OptOutRecord
-from agent.store import Removal, Store, admin_row
+from agent.store import Removal, RemoveResult, Store, admin_row
 from agent.store_postgres import PostgresStore
 from agent.store_sqlite import SqliteStore
 from tests.conftest import make_record
@@ -104,18 +104,21 @@ async def test_removal_is_audited_with_who_and_why(store: Store) -> None:
     rec = make_record()
     await store.write([rec])
     now = datetime.now(UTC)
-    assert await store.remove(Removal("+972501234567", "customer consented again", "alice", "rm-1", now))
+    assert await store.remove(Removal("+972501234567", "customer consented again", "alice", "rm-1", now,
+                                      seen_seq=await store.head())) is RemoveResult.REMOVED
     assert await store.blacklisted(["+972501234567"]) == set()
     history = await store.history("+972501234567")
     assert history[-1]["outcome"] == "removed"
     assert history[-1]["actor"] == "alice" and history[-1]["reason"] == "customer consented again"
-    assert not await store.remove(Removal("+972501234567", "again", "alice", "rm-2", now))
+    assert await store.remove(Removal("+972501234567", "again", "alice", "rm-2", now,
+                                      seen_seq=await store.head())) is RemoveResult.NOT_LISTED
 
 
 async def test_redelivered_event_after_removal_does_not_relist(store: Store) -> None:
     rec = make_record()
     await store.write([rec])
-    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC)))
+    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC),
+                               seen_seq=await store.head()))
     [again] = await store.write([rec])
     assert again.duplicate
     assert await store.blacklisted(["+972501234567"]) == set()
@@ -181,7 +184,8 @@ async def test_every_blacklist_change_gets_a_sequence_in_commit_order(store: Sto
     assert await store.head() == 0
     await store.write([make_record("+972501234567"), make_record("+972501234568")])
     await store.write([make_record().model_copy(update={"phone_number": None})])  # no change of the list
-    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC)))
+    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC),
+                               seen_seq=await store.head()))
     head = await store.head()
     changes = await store.changes(0, head)
     assert [(c.phone_number, c.op) for c in changes] == [
@@ -204,7 +208,8 @@ async def test_a_reader_of_an_unmigrated_store_is_told_so(tmp_path: Path) -> Non
 # --- the tamper-evident chain --------------------------------------------------------------------------
 async def test_chain_covers_every_kind_of_write(store: Store) -> None:
     await store.write([make_record("+972501234567"), make_record("+972501234568")])
-    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC)))
+    await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC),
+                               seen_seq=await store.head()))
     await store.import_numbers(["+14155550123"], added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE,
                                actor="bob")
     now = datetime.now(UTC)
@@ -288,6 +293,7 @@ def test_a_change_row_with_an_invalid_entry_still_reaches_redis_as_an_addition()
     from agent.store import change_of
 
     at = datetime.now(UTC)
-    change = change_of((7, "+972501234567", "blacklisted", at, None, "not-a-source", None, None, None, None, "e", 1))
+    change = change_of((7, "+972501234567", "blacklisted", at, None, "not-a-source", None, None, None, None, "e", 1,
+                        "hash-7"))
     assert (change.op, change.phone_number, change.seq) == ("add", "+972501234567", 7)
     assert change.entry is not None and change.entry.source is Source.USER_OPTOUT

@@ -168,7 +168,7 @@ IVR_BY_NAME = {"ari": "optout-ivr", "agi": "optout-agi-ivr", "plain": "optout-pl
 
 
 def us_guard(pg_store: PostgresStore, cache: RedisCache) -> DialGuard:
-    return DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    return DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def originated() -> list[Any]:
 @pytest.fixture
 async def api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCache, originated: list[Any],
               unused_tcp_port: int) -> AsyncIterator[str]:
-    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="IL"), store=pg_store)
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="IL"), store=pg_store)
 
     async def originate(*args: Any, **kwargs: Any) -> Any:
         originated.append((args, kwargs))
@@ -113,7 +113,7 @@ async def test_no_answer_from_the_blacklist_gets_503_and_no_call(
     ari_agent: AriAgent, ari_env: AriEnv, unused_tcp_port: int
 ) -> None:
     async with PostgresStore("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
-        guard = DialGuard(checker=BlacklistChecker(store=dead, cache=None, region="IL"), store=dead)
+        guard = DialGuard(checker=BlacklistChecker(store=dead, cache=None, journal=None, region="IL"), store=dead)
         before = await channels(ari_env)
         async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=dict, originate=ari_agent.originate,
                              guard=guard, api_token=TOKEN), httpx.AsyncClient() as client:

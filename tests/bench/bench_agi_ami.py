@@ -104,7 +104,7 @@ async def main() -> None:
         async with Journal(Path(tmp) / "journal.db") as journal, SqliteStore(Path(tmp) / "store.db") as store:
             await store.migrate()
             pipeline = OptOutPipeline(journal=journal, store=store, cache=None)
-            checker = BlacklistChecker(store=store, cache=None, region="US")
+            checker = BlacklistChecker(store=store, cache=None, journal=None, region="US")
             blocked = [f"+1202557{i:04d}" for i in range(50)]
             await store.write([OptOutRecord(event_id=f"bench-{uuid.uuid4().hex}", phone_number=n, origin=Origin.ADMIN,
                                              received_at=utcnow()) for n in blocked])

@@ -2,8 +2,8 @@
 
     python tests/bench/bench_import.py [N] [e164|national] [RUNS] [keeper]
 
-With `keeper`, an agent's cache keeper (CacheSync.run) runs beside the import, as in production, and reports
-how many changes it had to re-apply to Redis and the CPU it used.
+With `keeper`, an agent's cache keeper (CacheKeeper.run) runs beside the import, as in production, and reports
+how many changes it applied to Redis and the CPU it used.
 
 Targets (issue 15): 1,000,000 E.164 rows <= 10 s, 1,000,000 national rows <= 20 s, 10,000,000 E.164 rows
 <= 120 s with a peak RSS <= 500 MB (the import process and its workers, sampled from /proc every 50 ms).
@@ -44,26 +44,26 @@ applied = rounds = 0
 async def main() -> None:
     async with AsyncExitStack() as stack:
         core = await open_core(Settings(), stack)
-        original, tick = core.cache.apply, core.cache_sync.tick
+        original, one_round = core.cache.apply, core.keeper.round
 
-        async def counting(changes, **kw):
+        async def counting(token, changes, **kw):
             global applied
             applied += len(changes)
-            return await original(changes, **kw)
+            return await original(token, changes, **kw)
 
-        async def counted_tick():
+        async def counted_round():
             global rounds
             rounds += 1
-            return await tick()
+            return await one_round()
 
-        core.cache.apply, core.cache_sync.tick = counting, counted_tick
-        task = asyncio.create_task(core.cache_sync.run())
+        core.cache.apply, core.keeper.round = counting, counted_round
+        task = asyncio.create_task(core.keeper.run())
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         task.cancel()
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"keeper beside it: {rounds} rounds, {applied:,} changes re-applied, CPU {ru.ru_utime + ru.ru_stime:.1f} s")
+    print(f"keeper beside it: {rounds} rounds, {applied:,} changes applied, CPU {ru.ru_utime + ru.ru_stime:.1f} s")
 
 asyncio.run(main())
 """
@@ -151,7 +151,8 @@ def main(n: int = 1_000_000, kind: str = "e164", runs: int = 3, keeper: bool = F
                 times.append(elapsed)
                 print(f"optout import of {n:,} {kind} numbers: {elapsed:.1f} s ({n / elapsed:,.0f}/s), peak RSS "
                       f"{peak / 1024:.0f} MB; exit {code}; {out}; PostgreSQL rows {rows[0] if rows else 0:,}; "
-                      f"Redis set {r.scard('blacklist:numbers'):,}, seq {int(r.get('blacklist:seq') or 0):,}")
+                      f"Redis set {r.scard('blacklist:numbers'):,}, "
+                      f"view at change {int(r.hget('blacklist:view', 'seq') or 0):,}")
             finally:
                 r.flushdb(asynchronous=True)
                 with psycopg.connect(PG, autocommit=True) as conn:

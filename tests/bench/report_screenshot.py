@@ -78,7 +78,7 @@ async def fill(store: Store, *, days: int, rng: random.Random) -> None:
                         strict=False):
         assert rec.phone_number is not None
         await store.remove(Removal(rec.phone_number, why, rng.choice(["dana", "yossi"]), f"remove-{uuid.uuid4()}",
-                                   rec.received_at + timedelta(hours=3)))
+                                   rec.received_at + timedelta(hours=3), seen_seq=await store.head()))
 
 
 async def verify(store: Store) -> ChainReport:

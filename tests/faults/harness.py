@@ -26,7 +26,7 @@ import httpx
 import psycopg
 import redis.asyncio as aioredis
 
-from agent.constants import BLACKLIST_SET, BLACKLIST_SYNCED
+from agent.constants import BLACKLIST_LEASE, BLACKLIST_SET
 from agent.testcall import CallObserver, CallResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,9 +353,11 @@ async def start_agent(agent: AgentProcess, pg_dsn: str) -> None:
 
 
 async def redis_synced(redis_url: str) -> bool:
+    """Whether the view is current: the lease is there (and not held after a rebuild)."""
     client: aioredis.Redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5)
     try:
-        return bool(await client.exists(BLACKLIST_SYNCED))
+        lease = await client.get(BLACKLIST_LEASE)
+        return lease is not None and lease != b"hold"
     except (OSError, aioredis.RedisError):
         return False
     finally:

@@ -80,7 +80,7 @@ async def test_redis_restarted_empty(
     tally, stop, gap = Checks(), asyncio.Event(), asyncio.Event()
     try:
         async with asyncio.timeout(180), PostgresStore(pg_dsn) as store, RedisCache(redis_server.url) as cache:
-            checker = BlacklistChecker(store=store, cache=cache, region="IL")
+            checker = BlacklistChecker(store=store, cache=cache, journal=None, region="IL")
             watcher = asyncio.create_task(keep_checking(checker, pg_dsn, stop, gap, tally))
             load = asyncio.create_task(place_calls(observer, numbers(120), campaign=campaign, concurrency=30,
                                                    over=16.0))

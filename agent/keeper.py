@@ -1,0 +1,274 @@
+"""The cache keeper: the one owner of the dialers' view in Redis (agent/cache.py draws the model and its states).
+
+Every agent and bridge runs one (`run()`); CLI commands run rounds of their own when they need the view to
+catch up. A round (`round()`), woken by the store's push (a commit in any process) or every `interval`:
+
+1. Re-assert (every process, whoever keeps the view): the opt-outs this process's journal holds that the store
+   may not have yet go back into the view as pending. A Redis that lost them (restarted, flushed, evicted,
+   failed over) has them back within a round, whatever the store holds.
+2. Keep (whoever takes the keeper lock for this round; it is given back at the end of the round):
+   - the view LOST -> rebuild: copy the store into `next`, swap it in with the pending numbers;
+   - the store went back (its head is below the view's sequence, or the row at that sequence has another
+     chain hash: a restored backup, a promoted replica) -> drop the lease, and rebuild after writing back to
+     the store the numbers the view held and the store lost (audited as recovered);
+   - Redis went back (the view is behind what this keeper saw: a failover to a replica that missed writes)
+     -> hold the lease for `grace`, so every process re-asserts first;
+   - otherwise apply the store's changes after the view's sequence in order, drop the pending fields of
+     opt-outs the set now holds as stored, and renew the lease: only once the set holds the head read this
+     round, for the lease time less the round's own duration, and never within `grace` of a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from agent import metrics
+from agent.backoff import Backoff
+from agent.cache import Applied, RedisCache, View, ViewState, redis_errors
+from agent.constants import Origin, Source
+from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
+from agent.journal import Journal
+from agent.optout import BlacklistEntry, OptOutRecord
+from agent.store import Change, Position, Store
+
+log = logging.getLogger("agent.keeper")
+
+
+class CacheKeeper:
+    """`run()` until cancelled; `round()` once; `settle(seq)` until the view holds the store up to `seq`."""
+
+    def __init__(self, *, store: Store, cache: RedisCache, journal: Journal | None, interval: float = 0.25,
+                 lease: float = 2.0, grace: float = 1.0, batch: int = 5000) -> None:
+        """`grace`: how long the lease is held after a swap, or after Redis went back, so every process (each
+        re-asserting every round) puts its pending opt-outs back first: several of their rounds."""
+        self._store = store
+        self._cache = cache
+        self._journal = journal
+        self._interval = interval
+        self._lease_ms = int(lease * 1000)
+        self._lock_ms = max(self._lease_ms, 2000)
+        self._grace_ms = int(grace * 1000)
+        self._batch = batch
+        self._lock = cache.keeper_lock(timeout=self._lock_ms / 1000)
+        self._token = ""
+        self._seen: Position | None = None
+        """The newest view position this keeper saw: a view behind it means Redis lost writes."""
+        self._wake = asyncio.Event()
+        self.current = False
+        """The last round proved the view current (and renewed the lease)."""
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Rounds until cancelled: at every commit the store reports, and every `interval`."""
+        watcher = asyncio.create_task(self._watch(), name="cache-keeper-watch")
+        backoff = Backoff("cache keeper", initial=0.25, maximum=5.0, logger=log)
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.round()
+                    metrics.CONNECTED.labels("redis").set(1)
+                    backoff.reset()
+                    delay = self._interval
+                except (CacheUnavailable, StoreUnavailable, JournalError) as exc:
+                    self.current = False
+                    metrics.CACHE_CURRENT.set(0)
+                    if isinstance(exc, CacheUnavailable):
+                        metrics.CONNECTED.labels("redis").set(0)
+                    delay = backoff.delay(exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch(self) -> None:
+        backoff = Backoff("listening for store changes", initial=0.5, maximum=10.0, logger=log)
+        while True:
+            try:
+                async for _ in self._store.watch():
+                    backoff.reset()
+                    self._wake.set()
+            except StoreUnavailable as exc:
+                await asyncio.sleep(backoff.delay(exc))
+
+    async def round(self) -> bool:
+        """One round; True when it proved the view current (the lease renewed)."""
+        self.current = False
+        await self.reassert()
+        with redis_errors("taking the keeper lock"):
+            self._token = uuid.uuid4().hex
+            if not await self._lock.acquire(token=self._token):
+                # Another process keeps the view this round.
+                self.current = await self._cache.is_current()
+                return False
+        try:
+            self.current = await self._keep()
+        finally:
+            with contextlib.suppress(CacheUnavailable), redis_errors("giving the keeper lock back"):
+                await self._lock.release()
+        metrics.CACHE_CURRENT.set(1 if self.current else 0)
+        return self.current
+
+    async def settle(self, upto: int, *, within: float = 10.0) -> bool:
+        """Rounds until the view is current at `upto` or later (another process's keeper may do them)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            await self.round()
+            view = await self._cache.view()
+            if view.state is ViewState.CURRENT and view.lease is not None and view.lease.seq >= upto:
+                return True
+            await asyncio.sleep(self._interval / 4)
+        return False
+
+    async def reassert(self) -> int:
+        """Put this process's journaled, not yet stored opt-outs back into the view as pending."""
+        held = await self._journal.unstored_numbers() if self._journal is not None else []
+        if held:
+            await self._cache.assert_pending(held)
+        return len(held)
+
+    # --- the lock holder's part -----------------------------------------------------------------------------
+    async def _keep(self) -> bool:
+        view = await self._cache.view()
+        if view.position is None or view.state in (ViewState.LOST, ViewState.REBUILDING):
+            await self._rebuild(view)
+            return False
+        started = time.monotonic()
+        store = await self._store.position(view.position.seq)
+        if store.lineage_at != view.position.lineage:
+            log.critical("the store went back: the view holds it up to change %d, the store's head is change %d%s; "
+                         "dialers ask the store until the view is rebuilt, and numbers the store lost are written "
+                         "back to it", view.position.seq, store.head.seq,
+                         "" if store.lineage_at is None else " and that change has another hash (another history)")
+            await self._cache.drop_lease()
+            await self._rebuild(view, recover=True)
+            return False
+        if self._seen is not None and view.position.seq < self._seen.seq:
+            log.error("Redis went back (the view is at change %d, this keeper saw %d: a failover that lost writes?); "
+                      "the lease is held until every process re-asserted its pending opt-outs",
+                      view.position.seq, self._seen.seq)
+            await self._cache.hold_lease(self._grace_ms)
+        return await self._catch_up(view, store.head, started)
+
+    async def _catch_up(self, view: View, head: Position, started: float) -> bool:
+        assert view.position is not None
+        at = view.position
+        while True:
+            changes = await self._store.changes(at.seq, head.seq, limit=self._batch) if at.seq < head.seq else []
+            new = Position(changes[-1].seq, changes[-1].lineage) if len(changes) == self._batch else head
+            final = new == head
+            drop = await self._stored_pending(view, new.seq)
+            lease_ms = self._lease_ms - int((time.monotonic() - started) * 1000) if final else 0
+            done = await self._cache.apply(self._token, changes, expected=at, new=new, lease_ms=max(lease_ms, 0),
+                                           lock_ms=self._lock_ms, drop_pending=drop)
+            if done not in (Applied.DONE, Applied.HELD):
+                log.info("cache keeper round abandoned: %s", done.value)
+                return False
+            self._seen = new
+            await self._note_visible(changes)
+            if final:
+                metrics.CACHE_BEHIND.set(0)
+                return done is Applied.DONE and lease_ms > 0
+            metrics.CACHE_BEHIND.set(head.seq - new.seq)
+            at = new
+
+    async def _stored_pending(self, view: View, upto: int) -> list[str]:
+        """Pending opt-outs the store holds at or before `upto`: the set holds them as stored changes now."""
+        if not view.pending:
+            return []
+        stored = await self._store.stored(list(view.pending))
+        return [event_id for event_id, seq in stored.items() if seq <= upto]
+
+    async def _note_visible(self, changes: Sequence[Change]) -> None:
+        late = [(c.event_id, datetime.now(UTC)) for c in changes if c.op == "add" and not c.visible and c.event_id]
+        if late:
+            await self._store.record_visibility(late)
+
+    # --- rebuilds -----------------------------------------------------------------------------------------
+    async def rebuild(self) -> int:
+        """`optout sync-cache`: rebuild the view from the store now (waiting up to a few rounds for the lock).
+        Returns how many numbers it holds, -1 when the lock could not be had."""
+        for _ in range(40):
+            with redis_errors("taking the keeper lock"):
+                self._token = uuid.uuid4().hex
+                taken = await self._lock.acquire(token=self._token)
+            if taken:
+                try:
+                    view = await self._cache.view()
+                    store = await self._store.position(view.position.seq if view.position else None)
+                    went_back = view.position is not None and store.lineage_at != view.position.lineage
+                    return await self._rebuild(view, recover=went_back)
+                finally:
+                    with contextlib.suppress(CacheUnavailable), redis_errors("giving the keeper lock back"):
+                        await self._lock.release()
+            await asyncio.sleep(self._interval / 2)
+        return -1
+
+    async def _rebuild(self, view: View, *, recover: bool = False) -> int:
+        """Copy the store into `next` and swap it in at the head read before the copy (changes made meanwhile are
+        applied by the next round: every change is idempotent). With `recover`, numbers the old view held that
+        the store lost (and no writer holds pending) are written back to the store first, audited."""
+        at = (await self._store.position()).head
+        await self._cache.fill_next([], first=True)
+        total = 0
+        async for batch in self._store.entries(batch_size=self._batch):
+            await self._cache.fill_next(batch, first=False)
+            await self._extend()
+            total += len(batch)
+        if recover and view.position is not None:
+            total += await self._recover(view, went_back_from=view.position, to=at)
+        done = await self._cache.swap(self._token, at, grace_ms=self._grace_ms, lock_ms=self._lock_ms,
+                                      drop_pending=await self._stored_pending(await self._cache.view(), at.seq))
+        if done is not Applied.DONE:
+            log.warning("Redis blacklist rebuild not swapped in (%s): the next round rebuilds it", done.value)
+            return -1
+        self._seen = at
+        log.info("Redis blacklist rebuilt from the store: %d numbers (at change %d)", total, at.seq)
+        return total
+
+    async def _extend(self) -> None:
+        with redis_errors("extending the keeper lock"):
+            await self._lock.extend(self._lock_ms / 1000, replace_ttl=True)
+
+    async def _recover(self, view: View, *, went_back_from: Position, to: Position) -> int:
+        pending = set(view.pending.values())
+        count = 0
+        async for missing in self._cache.missing_from_next():
+            numbers = [n for n in missing if n not in pending]
+            if not numbers:
+                continue
+            entries = await self._cache.entries(numbers)
+            records = [recovered(n, e, went_back_from, to) for n, e in zip(numbers, entries, strict=True)]
+            await self._store.write(records)
+            await self._cache.fill_next([r.entry() for r in records], first=False)
+            count += len(records)
+        if count:
+            log.critical("%d numbers on the blacklist in Redis were missing from the store after it went back from "
+                         "change %d to %d: written back to the store (origin admin, reason 'recovered')", count,
+                         went_back_from.seq, to.seq)
+        return count
+
+
+def recovered(number: str, entry_json: str | None, went_back_from: Position, to: Position) -> OptOutRecord:
+    """The opt-out that puts back a number the store lost; its id is the same in every keeper that finds it."""
+    entry: BlacklistEntry | None = None
+    if entry_json:
+        with contextlib.suppress(ValueError):
+            entry = BlacklistEntry.model_validate_json(entry_json)
+    digest = hashlib.sha256(f"{number}\x1f{went_back_from.lineage}".encode()).hexdigest()[:32]
+    return OptOutRecord(
+        event_id=f"recovered-{digest}", phone_number=number, number_source="redis view", origin=Origin.ADMIN,
+        source=entry.source if entry else Source.COMPLIANCE, actor="optout-agent",
+        reason=(f"recovered: listed in Redis at store change {went_back_from.seq}, lost when the store went back "
+                f"to change {to.seq}" + (f" (was: {entry.reason})" if entry else "")),
+        received_at=entry.added_at if entry else datetime.now(UTC),
+    )
