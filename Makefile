@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export DATABASE_URL_TEST ?= postgresql://postgres@127.0.0.1:5432/optout_test
 export REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 
+SECRETS := .run/secrets.env
 TEST_ENV := .run/test.env
 WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 
@@ -28,11 +29,14 @@ services:
 browser:
 	@bash tests/chromium.sh
 
-# Credentials for the test Asterisk, generated once per checkout (never committed).
-$(TEST_ENV):
+# Credentials for the local Asterisk sandbox, generated once per checkout (never committed); `make run` and
+# `make test` use the same ones, so either can start the sandbox without locking the other out.
+$(SECRETS):
 	@mkdir -p .run && umask 077 && for v in ARI_PASSWORD AMI_SECRET AGENT_API_TOKEN; do \
 	  echo "$$v=$$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')"; done > $@
-	@echo "AMI_USERNAME=optout" >> $@ && echo "AMI_HOST=127.0.0.1" >> $@
+
+$(TEST_ENV): $(SECRETS)
+	@umask 077 && cat $(SECRETS) > $@ && echo "AMI_USERNAME=optout" >> $@ && echo "AMI_HOST=127.0.0.1" >> $@
 
 asterisk: $(TEST_ENV)
 	@$(WITH_TEST_ENV) asterisk-docker/sandbox up
@@ -53,7 +57,7 @@ test: install services lint typecheck unit
 faults: install services asterisk
 	@$(WITH_TEST_ENV) OPTOUT_FAULTS=1 $(PY) -m pytest -q -rA tests/faults
 
-run: install
+run: install $(SECRETS)
 	@bash asterisk-docker/run-local.sh
 
 # Benchmarks print figures (they assert nothing); bench_ari writes tests/bench/results/ari.json and ari.png.

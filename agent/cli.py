@@ -347,7 +347,7 @@ async def _run_command(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings()
+        settings = Settings.load()
     except ValidationError as exc:
         err: Any = exc.errors()[0]
         where = ".".join(map(str, err["loc"])).upper() or "settings"

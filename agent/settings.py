@@ -22,8 +22,16 @@ MIN_TOKEN_LENGTH = 16
 def default_data_dir() -> Path:
     """Where the embedded store and the journal live unless told otherwise: the same place for the agent and
     every `optout` command, whatever the working directory (`$XDG_STATE_HOME/optout-agent`)."""
+    if os.environ.get("OPTOUT_DATA_DIR"):
+        return Path(os.environ["OPTOUT_DATA_DIR"])
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "optout-agent"
+
+
+SETTINGS_FILE = "optout.env"
+"""`NAME=value` lines in the data directory that the agent and every command read under the environment
+(which wins): `make run` writes the credentials it generated there, so a second shell's `optout call` finds
+them. Keep it mode 600."""
 
 
 class Settings(BaseSettings):
@@ -94,6 +102,11 @@ class Settings(BaseSettings):
     bridge_max_body_bytes: int = 256 * 1024
     asterisk_worker_url: str | None = None
     bridge_worker_token: SecretStr | None = None
+
+    @classmethod
+    def load(cls) -> Settings:
+        """The settings of this machine: the environment, over the data directory's `optout.env` if any."""
+        return cls(_env_file=default_data_dir() / SETTINGS_FILE)  # type: ignore[call-arg]
 
     @model_validator(mode="before")
     @classmethod
