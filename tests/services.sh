@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start PostgreSQL and Redis where they are not running (installing them from Debian's packages where
-# they are missing), create the test database, and install SIPp. Idempotent; used by `make test`.
+# they are missing), create the test database, and install SIPp and Redis Sentinel. Idempotent; used by `make test`.
 set -euo pipefail
 
 PGHOST=${PGHOST:-127.0.0.1}
@@ -53,4 +53,11 @@ if ! have sipp || [ ! -f /usr/share/sip-tester/dtmf_2833_9.pcap ]; then
   echo "services: installing SIPp (sip-tester)" >&2
   apt_install sip-tester
 fi
-echo "services: PostgreSQL, Redis and SIPp are ready" >&2
+# Redis Sentinel for the failover tests (Debian's package; the tests run their own sentinels on spare ports).
+if ! have redis-sentinel; then
+  echo "services: installing Redis Sentinel" >&2
+  apt_install redis-sentinel
+  # The package starts a system sentinel on 26379; the tests do not use it.
+  pkill -f 'redis-sentinel.*:26379' 2>/dev/null || true
+fi
+echo "services: PostgreSQL, Redis, Redis Sentinel and SIPp are ready" >&2
