@@ -165,7 +165,7 @@ redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('UNLINK', KEYS[1])
 redis.call('RENAME', KEYS[2], KEYS[1])
 redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'lineage', ARGV[3])
-redis.call('SET', KEYS[4], 'hold', 'PX', ARGV[6])
+if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[4], 'hold', 'PX', ARGV[6]) else redis.call('DEL', KEYS[4]) end
 redis.call('PEXPIRE', KEYS[5], ARGV[5])
 return 'ok'
 """
@@ -311,6 +311,13 @@ class RedisCache(Resource):
     async def state(self) -> ViewState:
         return (await self.view()).state
 
+    async def pending_numbers(self) -> set[str]:
+        """Every number some writer holds unstored (the view's `p:` fields): what a reader adds to the store's
+        answer when the view is not current (a lost set keeps them; the view hash still has them)."""
+        with redis_errors("reading pending opt-outs"):
+            fields = await self.client.hgetall(BLACKLIST_VIEW)
+        return {str(v) for k, v in fields.items() if str(k).startswith(PENDING_FIELD_PREFIX)}
+
     async def is_current(self) -> bool:
         """Whether a "clear" from the set may be trusted now (the lease and the sentinel)."""
         pipe = self.client.pipeline(transaction=True)
@@ -370,7 +377,10 @@ class RedisCache(Resource):
     async def hold_lease(self, grace_ms: int) -> None:
         """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile)."""
         with redis_errors("holding the lease"):
-            await self.client.set(BLACKLIST_LEASE, "hold", px=grace_ms)
+            if grace_ms > 0:
+                await self.client.set(BLACKLIST_LEASE, "hold", px=grace_ms)
+            else:
+                await self.client.delete(BLACKLIST_LEASE)
 
     async def missing_from_next(self, *, batch: int = 5000) -> AsyncIterator[list[str]]:
         """Numbers of the live set that the rebuild's copy lacks (a store that went back lost them)."""

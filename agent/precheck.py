@@ -5,9 +5,10 @@
   and membership read in one MULTI. With `strict=True` (`optout check`) the store must also agree that the
   lease's sequence is its head and the lease's lineage the hash of that row (a store restored from a backup
   or a promoted replica is another history); when the store cannot be read, the lease alone decides.
-- Otherwise the store answers, together with this process's journal: an opt-out journaled here that the
-  store does not have yet (the store down, locked, refusing) is blacklisted. This is also how the embedded
-  mode without Redis answers.
+- Otherwise the store answers, together with what writers hold unstored: the view's pending opt-outs (a
+  lost set leaves them in the view hash) and this process's journal (an opt-out journaled here that the
+  store does not have yet: the store down, locked, refusing). The journal is also how the embedded mode
+  without Redis answers.
 - When nobody can answer, the number's answer is None (callers fail closed).
 """
 
@@ -45,12 +46,15 @@ class BlacklistChecker:
         if not numbers:
             return []
         trusted = False
+        held: set[str] = set()
         if self._cache is not None:
             try:
                 cached = await self._cache.check(numbers)
                 answers = [True if m else None for m in cached.members]
                 if cached.lease is not None:
                     trusted = not strict or await self._store_agrees(cached.lease)
+                if not trusted and not all(answers):
+                    held = await self._cache.pending_numbers()
             except CacheUnavailable as exc:
                 metrics.CACHE_ERRORS.inc()
                 log.debug("pre-dial check falls back to the store: %s", exc)
@@ -59,15 +63,13 @@ class BlacklistChecker:
             return answers
         if trusted:
             return [a if a is not None else False for a in answers]
+        answers = [True if a is None and numbers[i] in held else a for i, a in enumerate(answers)]
         try:
-            held = await self._journal.holding(unknown) if self._journal is not None else set()
-        except JournalError as exc:
-            log.warning("pre-dial check: the journal cannot be read, so its unstored opt-outs are unknown: %s", exc)
-            return answers
-        try:
+            if self._journal is not None:
+                held |= await self._journal.holding(unknown)
             found = await self._store.blacklisted([n for n in unknown if n not in held]) | held
-        except StoreUnavailable as exc:
-            log.warning("pre-dial check: neither a current cache nor the store can answer: %s", exc)
+        except (JournalError, StoreUnavailable) as exc:
+            log.warning("pre-dial check: neither a current view nor the store and journal can answer: %s", exc)
             return [True if a is None and numbers[i] in held else a for i, a in enumerate(answers)]
         return [a if a is not None else numbers[i] in found for i, a in enumerate(answers)]
 

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls) -> Settings:
         """The settings of this machine: the environment, over the data directory's `optout.env` if any."""
-        return cls(_env_file=default_data_dir() / SETTINGS_FILE)  # type: ignore[call-arg]
+        return cls(_env_file=default_data_dir() / SETTINGS_FILE)
 
     @model_validator(mode="before")
     @classmethod
