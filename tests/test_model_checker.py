@@ -294,7 +294,7 @@ class SqliteMachine(Machine):
 
 
 def _run(machine: type[Machine], histories: int) -> None:
-    chosen = int(os.environ.get("OPTOUT_MODEL_SEED") or random.randrange(1 << 32))  # noqa: S311
+    chosen = int(os.environ.get("OPTOUT_MODEL_SEED") or random.randrange(1 << 32))
     print(f"\nmodel checker ({machine.kind}): seed {chosen} (rerun: OPTOUT_MODEL_SEED={chosen}), {histories} histories")
     run_state_machine_as_test(seed(chosen)(machine), settings=settings(
         max_examples=histories, stateful_step_count=int(os.environ.get("OPTOUT_MODEL_STEPS", "25")),

@@ -270,9 +270,7 @@ class System:
                                                      str(self._store_backup), self.pg_base],
                                     check=True, capture_output=True)
         else:
-            for suffix in ("-wal", "-shm"):
-                Path(f"{self.sqlite_path}{suffix}").unlink(missing_ok=True)
-            shutil.copy(self._store_backup, self.sqlite_path)
+            await asyncio.to_thread(_sqlite_restore, self._store_backup, self.sqlite_path)
         for agent in every:
             await self._open_agent(agent)
         store = await self._dialer_stack.enter_async_context(self._new_store(None))
@@ -284,6 +282,12 @@ class System:
         """SIGKILL and a new process on the same journal (nothing in flight: steps run one at a time)."""
         await agent.stack.aclose()
         await self._open_agent(agent)
+
+
+def _sqlite_restore(backup: Path, path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, path)
 
 
 def _sqlite_backup(source: Path, target: Path) -> None:
