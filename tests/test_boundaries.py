@@ -1,0 +1,239 @@
+"""Issue 20: hostile input at every boundary, against the real PostgreSQL and Redis. No record stops a loop,
+no identifier is re-parsed into another field, no label or log keeps what the outside sent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import metrics
+from agent.cache import RedisCache
+from agent.constants import Origin
+from agent.errors import InvalidInput
+from agent.journal import Journal
+from agent.optout import (
+    ID_FORBIDDEN,
+    HangupInfo,
+    OptOutRecord,
+    clean_id,
+    id_problem,
+    parse_event,
+    record_from_event,
+    text_problem,
+)
+from agent.pipeline import OptOutPipeline, Replayer
+from agent.store import StoreResult
+from agent.store_postgres import PostgresStore
+from tests.conftest import make_record
+
+BAD_TIMES = ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00Z",
+             "9999-12-31T23:59:59.999999+00:00", "1969-12-31T23:59:59Z", 10**20, -1e15, "+99999-01-01T00:00:00Z"]
+
+
+# --- 1. one record never stops the replayer ------------------------------------------------------------------
+@pytest.mark.parametrize("value", BAD_TIMES)
+def test_a_timestamp_that_cannot_be_represented_is_dropped_by_name(value: object) -> None:
+    parsed = parse_event({"phoneNumber": "+12025550123", "timestamp": value})
+    assert parsed.event.timestamp is None
+    [dropped] = parsed.dropped
+    assert dropped.field == "timestamp"
+    record = record_from_event(parsed.event, origin=Origin.SNS, region="US")
+    assert record.event_json()["timestamp"]  # every later step can write it
+
+
+class FailingStore(PostgresStore):
+    """The real store, failing with a chosen exception type for the records whose number is in `poison`:
+    as a driver does for a value it cannot convert (OverflowError, TypeError, ValueError...)."""
+
+    def __init__(self, dsn: str, poison: dict[str, BaseException]) -> None:
+        super().__init__(dsn)
+        self.poison = poison
+
+    async def write(self, records: Sequence[OptOutRecord]) -> Sequence[StoreResult]:
+        for record in records:
+            if record.phone_number in self.poison:
+                raise self.poison[record.phone_number]
+        return await super().write(records)
+
+
+@pytest.mark.parametrize("error", [OverflowError("date value out of range"), TypeError("unhashable type: 'list'"),
+                                   ValueError("year 0 is out of range"), KeyError("x"), RuntimeError("a bug")])
+async def test_a_record_failing_with_any_exception_is_parked_and_the_others_are_stored(
+    pg_dsn: str, journal: Journal, cache: RedisCache, error: BaseException,
+) -> None:
+    bad_number = "+12025559999"
+    async with FailingStore(pg_dsn, {bad_number: error}) as store:
+        await store.migrate()
+        pipeline = OptOutPipeline(journal=journal, store=store, cache=cache)
+        neighbours = [make_record(f"+1202555{i:04d}") for i in range(12)]
+        for record in [*neighbours[:6], make_record(bad_number), *neighbours[6:]]:
+            await journal.append(record)  # journaled during an outage: the replayer's to store
+        for _ in range(4):
+            await Replayer(pipeline, batch=5).drain()
+        numbers = {r.phone_number for r in neighbours}
+        assert await store.blacklisted([n or "" for n in numbers]) == numbers
+        [parked] = await journal.parked()
+        assert parked.phone_number == bad_number and type(error).__name__ in (parked.last_error or "")
+        assert await Replayer(pipeline).drain() == 0, "a parked record is not retried by every pass"
+
+
+async def test_a_journaled_record_with_an_unrepresentable_time_is_stored_with_its_neighbours(
+    pipeline: OptOutPipeline, journal: Journal, pg_store: PostgresStore,
+) -> None:
+    """Journaled by a version that still accepted the time (or by a producer's record): the replayer must
+    not fail its whole batch on every pass."""
+    minus_one = timezone(timedelta(hours=-1))
+    plus_one = timezone(timedelta(hours=1))
+    odd = [make_record("+12025550001").model_copy(update={"pressed_at": datetime(1, 1, 1, tzinfo=plus_one)}),
+           make_record("+12025550002").model_copy(
+               update={"pressed_at": datetime(9999, 12, 31, 23, 59, tzinfo=minus_one)})]
+    neighbours = [make_record(f"+1202555{i:04d}") for i in range(10, 20)]
+    for record in [*odd, *neighbours]:
+        await journal.append(record)
+    await Replayer(pipeline).drain()
+    numbers = {r.phone_number or "" for r in [*odd, *neighbours]}
+    assert await pg_store.blacklisted(list(numbers)) == numbers
+    assert await journal.depth() == 0
+
+
+async def test_the_replayer_loop_outlives_a_pass_that_raises(
+    pg_dsn: str, journal: Journal, cache: RedisCache,
+) -> None:
+    """Whatever a pass meets, `run` backs off and goes on (it never ends until cancelled)."""
+    async with FailingStore(pg_dsn, {}) as store:
+        await store.migrate()
+        pipeline = OptOutPipeline(journal=journal, store=store, cache=cache)
+        replayer = Replayer(pipeline, interval=0.05)
+        calls = 0
+        real_drain = replayer.drain
+
+        async def drain() -> int:
+            nonlocal calls
+            calls += 1
+            if calls <= 2:
+                raise TypeError("'NoneType' object is not subscriptable")
+            return await real_drain()
+
+        replayer.drain = drain  # type: ignore[method-assign]
+        await journal.append(record := make_record("+12025550077"))
+        task = asyncio.create_task(replayer.run())
+        for _ in range(400):
+            if await store.blacklisted([record.phone_number or ""]):
+                break
+            replayer.wake()
+            await asyncio.sleep(0.02)
+        assert not task.done(), "the replayer loop must still run"
+        task.cancel()
+        assert await store.blacklisted([record.phone_number or ""]) == {record.phone_number}
+
+
+# --- 2. one rule for identifiers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["spring,OPTOUT_NUMBER=+12025559999", "a\r\nOPTOUT_NUMBER=+1", "x\n", "tab\there",
+                                   'q"uote', "back\\slash", "pa(ren", "pa)ren", "br[ack", "br]ack", "br{ace}",
+                                   "car^et", "pi|pe", "nul\x00", "bidi\u202e", "zw\u200bsp", "ls\u2028", "x" * 129, ""])
+def test_the_identifier_rule_refuses_what_a_parser_would_split(value: str) -> None:
+    assert id_problem(value) is not None
+    cleaned = clean_id(value)
+    assert cleaned is None or id_problem(cleaned) is None
+
+
+@pytest.mark.parametrize("value", ["call-123", "campaign 456", "Spring 2025 / promo #3", "contact@example.com",
+                                   "קמפיין-אביב", "urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427", "x" * 128])
+def test_the_identifier_rule_accepts_ordinary_ids(value: str) -> None:
+    assert id_problem(value) is None
+    assert clean_id(value) == value
+
+
+@settings(max_examples=400)
+@given(st.text(max_size=160))
+def test_any_text_is_a_valid_identifier_or_cleaned_into_one(value: str) -> None:
+    cleaned = clean_id(value)
+    assert cleaned is None or id_problem(cleaned) is None
+    if id_problem(value.strip()) is None and value.strip():
+        assert cleaned == value.strip()
+    assert not (set(cleaned or "") & set(ID_FORBIDDEN + "\r\n\t\x00"))
+
+
+@pytest.mark.parametrize("field", ["callId", "campaignId", "contactId", "eventId", "dtmfInput"])
+@pytest.mark.parametrize("value", ["spring,OPTOUT_NUMBER=+12025559999", "line\r\nbreak", "nul\x00", 'a"b'])
+def test_an_event_id_field_that_breaks_the_rule_is_dropped_by_name(field: str, value: str) -> None:
+    parsed = parse_event({"phoneNumber": "+12025550123", field: value})
+    assert [d.field for d in parsed.dropped] == [field]
+    assert "+12025559999" not in parsed.event.model_dump_json()
+
+
+def test_free_text_refuses_line_breaks_and_controls() -> None:
+    for value in ("a\nb", "a\rb", "a\tb", "a\x1bb", "a\u2029b", "a\x00b"):
+        assert text_problem(value, 100) is not None
+    assert text_problem("left, angry; asked twice (no more)", 100) is None
+
+
+# --- 4. far-end text never becomes a label, and is cleaned before it is stored -------------------------------
+def test_every_hangup_result_label_comes_from_the_fixed_set() -> None:
+    samples = ["ok", "gone", "timeout", "not-found", None, "", "error: HANGUP failed: 510 \x00Invalid\r\n",
+               "http 502", "error: " + "x" * 10_000, "\U0001f600", "OK", "unknown"]
+    assert {metrics.hangup_label(s) for s in samples} <= metrics.HANGUP_RESULTS
+
+
+def test_a_label_value_outside_its_set_is_counted_as_other() -> None:
+    before = metrics.HANGUPS.metric.labels("agi", "other")._value.get()
+    metrics.HANGUPS.labels("agi", "the far end's own words")
+    metrics.HANGUPS.labels("no-such-origin", "ok").inc()
+    metrics.HANGUPS.labels("agi", "the far end's own words").inc()
+    assert metrics.HANGUPS.metric.labels("agi", "other")._value.get() == before + 1
+    series = {tuple(s.labels.values()) for m in metrics.HANGUPS.metric.collect() for s in m.samples}
+    assert all(o in metrics.ORIGINS | {"other"} and r in metrics.HANGUP_RESULTS | {"other"} for o, r, *_ in series)
+
+
+def test_far_end_hangup_text_is_cleaned_and_cut_before_it_is_stored() -> None:
+    info = HangupInfo(method="agi", result="error: HANGUP failed: 510 \x00" + "y" * 5000 + "\r\n")
+    assert info.result is not None and "\x00" not in info.result and "\n" not in info.result
+    assert len(info.result) <= 200
+
+
+async def test_a_hangup_reply_with_a_nul_is_stored_not_parked(
+    pipeline: OptOutPipeline, pg_store: PostgresStore,
+) -> None:
+    from agent.pipeline import Status
+
+    record = make_record("+12025550188")
+
+    async def hang_up() -> HangupInfo:
+        return HangupInfo(method="agi", result="error: HANGUP failed: 520 \x00\x01 far end text")
+
+    result = await pipeline.submit(record, hang_up=hang_up)
+    assert result.status is Status.STORED
+    [row] = await pg_store.history("+12025550188")
+    assert row["hangup_result"].startswith("error:") and "\x00" not in row["hangup_result"]
+    assert row["campaign_id"] == "camp-1", "no field was stripped for it"
+
+
+# --- 3. any JSON value in any field of an event -------------------------------------------------------------
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+EVENT_FIELDS = ("callId", "campaignId", "contactId", "phoneNumber", "dtmfInput", "timestamp", "eventId", "origin")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({}, optional={f: JSON for f in EVENT_FIELDS}))
+def test_any_json_value_in_any_event_field_parses_or_names_its_field(event: dict[str, Any]) -> None:
+    event.setdefault("phoneNumber", "+12025550123")
+    try:
+        parsed = parse_event(event)
+        record = record_from_event(parsed.event, origin=Origin.SNS, region="US")
+    except InvalidInput as exc:
+        assert exc.field in EVENT_FIELDS or exc.field == "event"
+        return
+    assert {d.field for d in parsed.dropped} <= set(EVENT_FIELDS)
+    record.event_json()
+    OptOutRecord.from_json(record.to_json())
+    assert record.pressed_at is None or record.pressed_at.astimezone(UTC).year >= 1970
