@@ -237,3 +237,196 @@ def test_any_json_value_in_any_event_field_parses_or_names_its_field(event: dict
     record.event_json()
     OptOutRecord.from_json(record.to_json())
     assert record.pressed_at is None or record.pressed_at.astimezone(UTC).year >= 1970
+
+
+# --- 2 and 8. FastAGI: arguments that cannot be re-shaped, and capacity --------------------------------------------
+def b64(value: str) -> str:
+    import base64
+
+    return base64.b64encode(("." + value).encode()).decode()
+
+
+def agi_request(script: str, *args: str, uniqueid: str | None = None, extra: Sequence[str] = ()) -> bytes:
+    import uuid
+
+    lines = ["agi_network: yes", f"agi_network_script: {script}", "agi_channel: PJSIP/trunk-0000002a",
+             f"agi_uniqueid: {uniqueid or f'{uuid.uuid4().int % 10**9}.9'}", "agi_context: optout-agi-ivr",
+             "agi_extension: s", *(f"agi_arg_{i}: {a}" for i, a in enumerate(args, 1)), *extra]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def play_asterisk(port: int, request: bytes, variables: dict[str, str] | None = None) -> list[str]:
+    """Act as Asterisk on one FastAGI connection; the commands received, in order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    got: list[str] = []
+    try:
+        while line := await asyncio.wait_for(reader.readline(), 5.0):
+            cmd = line.decode().strip()
+            got.append(cmd)
+            if cmd.startswith("GET VARIABLE "):
+                value = (variables or {}).get(cmd.split()[-1])
+                writer.write(f"200 result=1 ({value})\n".encode() if value else b"200 result=0\n")
+            else:
+                writer.write(b"200 result=1\n")
+            await writer.drain()
+    finally:
+        writer.close()
+    return got
+
+
+@pytest.fixture
+async def agi_port(pipeline: OptOutPipeline, pg_store: PostgresStore, cache: RedisCache,
+                   unused_tcp_port: int) -> Any:
+    from agent.agi import AgiServer
+    from agent.guard import DialGuard
+    from agent.intake import Intake
+    from agent.precheck import BlacklistChecker
+
+    intake = Intake(pipeline=pipeline, digit="9", region="US")
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    async with AgiServer(host="127.0.0.1", port=unused_tcp_port, intake=intake, guard=guard, header_timeout=2.0):
+        yield unused_tcp_port
+        await intake.drain(within=5.0)
+        await guard.drain(within=5.0)
+
+
+async def wait_listed(store: PostgresStore, numbers: list[str]) -> set[str]:
+    for _ in range(100):
+        if found := await store.blacklisted(numbers):
+            return found
+        await asyncio.sleep(0.05)
+    return set()
+
+
+INJECTED = "+12025559999"
+CALLEE = "+12025550111"
+
+
+@pytest.mark.parametrize("args", [
+    # what Asterisk sends for CAMPAIGN_ID="spring,OPTOUT_NUMBER=+1..." through an unescaped dialplan
+    (f"OPTOUT_NUMBER={CALLEE}", "CALL_ID=c-1", "CAMPAIGN_ID=spring", f"OPTOUT_NUMBER={INJECTED}", "CONTACT_ID=k"),
+    (f"OPTOUT_NUMBER={CALLEE}", f"OPTOUT_NUMBER:b64={b64(INJECTED)}"),
+    (f"OPTOUT_NUMBER:b64={b64(CALLEE)}", f"OPTOUT_NUMBER={INJECTED}"),
+    (f"CALL_ID=a,OPTOUT_NUMBER={INJECTED}", f"OPTOUT_NUMBER={INJECTED}", "CALL_ID=b"),
+])
+async def test_a_name_given_twice_is_refused_and_read_from_the_channel(
+    agi_port: int, pg_store: PostgresStore, args: tuple[str, ...],
+) -> None:
+    got = await play_asterisk(agi_port, agi_request("optout", *args), {"OPTOUT_NUMBER": CALLEE, "CALL_ID": "c-1"})
+    assert got[-1] == "HANGUP"
+    assert "GET VARIABLE OPTOUT_NUMBER" in got, "none of the arguments is trusted"
+    assert await wait_listed(pg_store, [CALLEE, INJECTED]) == {CALLEE}
+
+
+async def test_an_argument_header_sent_twice_is_refused(agi_port: int, pg_store: PostgresStore) -> None:
+    """A line break in a value makes Asterisk send a header of the value's own choosing."""
+    request = agi_request("optout", f"OPTOUT_NUMBER={CALLEE}", "CAMPAIGN_ID=spring",
+                          extra=[f"agi_arg_1: OPTOUT_NUMBER={INJECTED}"])
+    got = await play_asterisk(agi_port, request, {"OPTOUT_NUMBER": CALLEE})
+    assert "GET VARIABLE OPTOUT_NUMBER" in got and got[-1] == "HANGUP"
+    assert await wait_listed(pg_store, [CALLEE, INJECTED]) == {CALLEE}
+
+
+async def test_base64_arguments_carry_any_value_unchanged(agi_port: int, pg_store: PostgresStore) -> None:
+    campaign = 'spring,OPTOUT_NUMBER=+12025559999"\\(['
+    got = await play_asterisk(agi_port, agi_request(
+        "optout", f"OPTOUT_NUMBER:b64={b64(CALLEE)}", f"CALL_ID:b64={b64('c-9')}",
+        f"CAMPAIGN_ID:b64={b64(campaign)}", f"CONTACT_ID:b64={b64('')}"), {"CONTACT_ID": "from-channel"})
+    assert got == ["HANGUP"], "every value came as an argument (an empty one is an empty variable)"
+    assert await wait_listed(pg_store, [CALLEE]) == {CALLEE}
+    [row] = await pg_store.history(CALLEE)
+    assert row["call_id"] == "c-9" and row["campaign_id"] == "springOPTOUT_NUMBER=+12025559999", row
+    assert await pg_store.blacklisted([INJECTED]) == set()
+
+
+async def test_an_argument_that_is_not_base64_is_read_from_the_channel(agi_port: int, pg_store: PostgresStore) -> None:
+    got = await play_asterisk(agi_port, agi_request("optout", "OPTOUT_NUMBER:b64=not*base64", "CALL_ID=c"),
+                              {"OPTOUT_NUMBER": CALLEE})
+    assert "GET VARIABLE OPTOUT_NUMBER" in got and got[-1] == "HANGUP"
+    assert await wait_listed(pg_store, [CALLEE]) == {CALLEE}
+
+
+async def test_precheck_reads_base64_arguments_and_refuses_a_repeated_one(
+    agi_port: int, pipeline: OptOutPipeline, pg_store: PostgresStore,
+) -> None:
+    await pipeline.submit(make_record(INJECTED))
+    clear = await play_asterisk(agi_port, agi_request("precheck", CALLEE[1:], f"NUMBER:b64={b64(CALLEE)}",
+                                                      f"CALL_ID:b64={b64('p,1')}"))
+    assert clear == ["SET VARIABLE OPTOUT_BLOCKED 0"]
+    blocked = await play_asterisk(agi_port, agi_request("precheck", "+1", f"NUMBER:b64={b64(INJECTED)}",
+                                                        f"CALL_ID:b64={b64('p,2')}"))
+    assert blocked == ["SET VARIABLE OPTOUT_BLOCKED 1"]
+    twice = await play_asterisk(agi_port, agi_request("precheck", CALLEE, f"NUMBER:b64={b64(CALLEE)}",
+                                                      f"NUMBER={CALLEE}"))
+    assert twice == ["SET VARIABLE OPTOUT_BLOCKED 1"], "which number is dialled is not known: blocked"
+    for _ in range(100):
+        rows = [r for r in await pg_store.history(INJECTED) if r["outcome"] == "prevented"]
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    assert rows[0]["call_id"] == "p2", "the id is cleaned by the identifier rule"
+
+
+def test_the_connection_limit_comes_from_the_open_file_limit() -> None:
+    import subprocess
+    import sys
+
+    code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)); "
+            "from agent.agi import FD_HEADROOM, default_max_connections; "
+            "print(default_max_connections(), min(1024, hard) - FD_HEADROOM)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] and int(out[0]) < 1024
+
+
+async def test_a_session_whose_headers_arrived_is_never_evicted(
+    pipeline: OptOutPipeline, pg_store: PostgresStore, cache: RedisCache,
+) -> None:
+    """The race of the issue: the headers of the oldest waiting session are in its buffer, but its task has not
+    run since; a newcomer makes room first. The newcomer's eviction must pick a slow peer, not the press."""
+    import socket
+
+    from agent.agi import AgiServer, GuardedApplication
+    from agent.guard import DialGuard
+    from agent.intake import Intake
+    from agent.precheck import BlacklistChecker
+
+    intake = Intake(pipeline=pipeline, digit="9", region="US")
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    server = AgiServer(host="127.0.0.1", port=0, intake=intake, guard=guard)
+    app = GuardedApplication(header_timeout=30.0, max_connections=100, max_waiting=4)
+    app.add_route("optout", server._optout)
+    peers: list[socket.socket] = []
+    tasks = []
+    for _ in range(4):  # max_waiting: the next connection makes room
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        tasks.append(asyncio.create_task(app.handler(reader, writer)))
+        await asyncio.sleep(0.01)
+    for slow in peers[1:]:
+        slow.sendall(b"agi_network: yes\n")
+    ours, theirs = socket.socketpair()
+    peers.append(theirs)
+    reader, writer = await asyncio.open_connection(sock=ours)
+    await asyncio.sleep(0.05)
+    # The oldest session's headers reach the machine; the newcomer's first step runs before the loop hands them
+    # to the session's task (in the very next round), and makes room.
+    peers[0].sendall(agi_request("optout", f"OPTOUT_NUMBER={CALLEE}", "CALL_ID=c", "CAMPAIGN_ID=k",
+                                 "CONTACT_ID=x"))
+    tasks.append(asyncio.create_task(app.handler(reader, writer)))
+    theirs.sendall(b"agi_network: yes\n")
+    peers[0].setblocking(False)
+    asterisk_reader, asterisk_writer = await asyncio.open_connection(sock=peers[0])
+    line = await asyncio.wait_for(asterisk_reader.readline(), 5.0)
+    assert line == b"HANGUP\n", "the press whose headers had arrived was cut off"
+    asterisk_writer.write(b"200 result=1\n")
+    await intake.drain(within=5.0)
+    assert await pg_store.blacklisted([CALLEE]) == {CALLEE}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    asterisk_writer.close()
+    for peer in peers[1:]:
+        peer.close()
