@@ -430,3 +430,264 @@ async def test_a_session_whose_headers_arrived_is_never_evicted(
     asterisk_writer.close()
     for peer in peers[1:]:
         peer.close()
+
+
+# --- 5. CSV cells a spreadsheet cannot run ------------------------------------------------------------------------
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formulas(data: bytes) -> list[str]:
+    """The cells a spreadsheet would evaluate when it opens `data` as CSV: those whose first character is one
+    that starts a formula (Excel, LibreOffice and Google Sheets decide by the first character)."""
+    import csv
+    import io
+
+    return [c for row in csv.reader(io.StringIO(data.decode("utf-8"), newline="")) for c in row
+            if c.startswith(FORMULA_STARTS)]
+
+
+HOSTILE_CELLS = ['=HYPERLINK("http://x","y")', "+SUM(1,1)", "@SUM(1)", "-2+3", "\t=1", "\r=1", "=1+2"]
+
+
+@pytest.fixture
+async def core(pg_dsn: str, redis_url: str, tmp_path: Any) -> Any:
+    from contextlib import AsyncExitStack
+
+    from agent.core import open_core
+    from agent.settings import Settings
+
+    settings_ = Settings(database_url=pg_dsn, redis_url=redis_url, optout_default_region="US",
+                         optout_journal_path=tmp_path / "journal.db")
+    async with AsyncExitStack() as stack:
+        c = await open_core(settings_, stack)
+        await c.store.migrate()
+        yield c
+
+
+async def hostile_trail(core: Any) -> list[str]:
+    """Audit rows whose producer-supplied ids and admin reasons start formulas (rows an older version stored,
+    or ids today's rule lets through: `=1+2`, `-2+3`)."""
+    import uuid
+
+    from agent.store import Removal
+
+    numbers = []
+    for i, value in enumerate(HOSTILE_CELLS):
+        number = f"+1202555{3000 + i:04d}"
+        numbers.append(number)
+        record = OptOutRecord.model_construct(**{**make_record(number).__dict__, "campaign_id": value,
+                                                  "call_id": value, "contact_id": value, "reason": value})
+        await core.store.write([record])
+    await core.store.remove(Removal(numbers[0], "+SUM(1,1)", "@SUM(1)", f"remove-{uuid.uuid4()}",
+                                    datetime.now(UTC)))
+    return numbers
+
+
+async def test_every_csv_the_product_writes_opens_as_text_in_a_spreadsheet(
+    core: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent import admin, report
+
+    numbers = await hostile_trail(core)
+    outputs: dict[str, bytes] = {}
+    outputs["export"] = b"".join([c async for c in admin.export_csv(core)])
+    outputs["export --audit"] = b"".join([c async for c in admin.export_audit_csv(core, campaign_id=None,
+                                                                                    number_prefix=None)])
+    with monkeypatch.context() as m:  # the row-by-row path (SQLite, or a store without COPY)
+        m.setattr(core.store, "blacklist_csv", lambda: None)
+        m.setattr(core.store, "actions_csv", lambda *a, **k: None)
+        outputs["export (rows)"] = b"".join([c async for c in admin.export_csv(core)])
+        outputs["export --audit (rows)"] = b"".join([c async for c in admin.export_audit_csv(
+            core, campaign_id=None, number_prefix=None)])
+    data = await report.collect(core.store, since=None, until=None, campaign=None)
+    for path in report.write_csv(data, tmp_path / "csv", full_numbers=True):
+        outputs[f"report {path.name}"] = path.read_bytes()
+    for name, data_ in outputs.items():
+        assert formulas(data_) == [], f"{name} has cells a spreadsheet would run"
+    audit = outputs["export --audit"].decode()
+    assert "'=HYPERLINK" in audit and "'+SUM(1,1)" in audit and "'@SUM(1)" in audit and "'-2+3" in audit
+    assert outputs["export"].splitlines()[1].startswith(b"'+1202555")
+    # what `optout export` wrote imports again as the same numbers
+    from agent.constants import Source
+
+    exported = tmp_path / "blacklist.csv"
+    exported.write_bytes(outputs["export"])
+    with exported.open("rb") as fh:
+        result = await admin.import_numbers(core, fh, name="blacklist.csv", source=Source.ADMIN_IMPORT,
+                                            reason="round trip", actor="t", workers=1)
+    assert result.bad == [] and result.read == result.already == len(numbers) - 1  # the removed one is not listed
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.text(max_size=20), st.integers(), st.floats(allow_nan=False), st.none(),
+                 st.datetimes(timezones=st.just(UTC))))
+def test_any_cell_is_written_as_text_a_spreadsheet_shows(value: Any) -> None:
+    from agent import csvsafe
+
+    data = csvsafe.rows_csv([[value, value]])
+    assert formulas(data) == []
+    from agent.csvsafe import cell, unneutralise
+
+    plain = "" if value is None else value.isoformat() if isinstance(value, datetime) else str(value)
+    assert unneutralise(cell(value)) == plain
+
+
+# --- 6. masking by detection ---------------------------------------------------------------------------------------
+_DIGITS = {name: "".join(chr(zero + i) for i in range(10))
+           for name, zero in (("ascii", 0x30), ("arabic", 0x660), ("fullwidth", 0xFF10), ("devanagari", 0x966))}
+_SEPARATORS = ["", " ", "-", ".", "/", "\u00a0", "\u2013", "\u2014", " - ", "_", "\u3000", "~", "\u2212", " / "]
+
+
+@st.composite
+def number_shapes(draw: Any) -> tuple[str, str]:
+    """(a number in a shape `normalise` reads, its ASCII digits)."""
+    digits = draw(st.sampled_from(["1", "44", "972", "49", "33", "91"])) + draw(
+        st.text(alphabet="0123456789", min_size=7, max_size=11))
+    script = _DIGITS[draw(st.sampled_from(sorted(_DIGITS)))]
+    sep = draw(st.sampled_from(_SEPARATORS))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=6))
+    parts, at = [], 0
+    for size in sizes:
+        if at >= len(digits):
+            break
+        parts.append(digits[at:at + size])
+        at += size
+    if at < len(digits):
+        parts.append(digits[at:])
+    shaped = sep.join("".join(script[int(d)] for d in part) for part in parts)
+    if draw(st.booleans()):
+        shaped = "(" + shaped[:3] + ") " + shaped[3:] if sep == "" else shaped
+    return (draw(st.sampled_from(["", "+", "\uff0b"])) + shaped, digits)
+
+
+_CONTEXTS = ["{n}", "PJSIP/{n}-0000002a", "PJSIP/{n}-0000002a;1", "callee{n}", "number={n}", "{n}.5", "{n}:5060",
+             "sip:{n}@10.0.0.1", "<tel:{n}>", "Local/{n}@optout-test-dial-00000001;2", "x{n}y", "'{n}'", "({n})",
+             '{{"phoneNumber": "{n}"}}', "{n},{n}"]
+
+
+@settings(max_examples=800)
+@given(number_shapes(), st.sampled_from(_CONTEXTS))
+def test_the_masker_finds_a_number_in_any_shape_normalise_reads(shape: tuple[str, str], context: str) -> None:
+    import unicodedata
+
+    from hypothesis import assume
+
+    from agent.logs import _DATE, mask_numbers
+
+    shaped, digits = shape
+    assume(not _DATE.fullmatch(shaped))  # an ISO date and an 8-digit number in its shape read the same
+    masked = mask_numbers(context.format(n=shaped))
+    seen = "".join(str(unicodedata.digit(ch)) for ch in masked if ch.isdigit())
+    assert digits not in seen, masked
+    assert masked.count("*") >= len(digits) - 4, masked
+
+
+def test_the_masker_leaves_ids_and_times_usable() -> None:
+    from agent.logs import mask_numbers
+
+    for text in ("2026-12-05T09:10:29.123+00:00", "ev-3f9a12345678bcd1aa", "uniqueid 1764108866.123",
+                 "PJSIP/trunk-0000002a"):
+        assert mask_numbers(text) == text
+
+
+# --- 7. special files ----------------------------------------------------------------------------------------------
+def optout_cli(env: dict[str, str], *args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def cli_env(pg_dsn: str, redis_url: str, tmp_path: Any) -> dict[str, str]:
+    import os
+
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_", "OPTOUT_"))}
+    e.update(DATABASE_URL=pg_dsn, REDIS_URL=redis_url, OPTOUT_DEFAULT_REGION="US",
+             OPTOUT_JOURNAL_PATH=str(tmp_path / "journal.db"))
+    assert optout_cli(e, "migrate").returncode == 0
+    return e
+
+
+def test_import_refuses_anything_but_a_regular_file_with_exit_2(cli_env: dict[str, str], tmp_path: Any) -> None:
+    import os
+
+    fifo = tmp_path / "numbers.fifo"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "a device"), ("/dev/null", "a device"), (str(fifo), "a FIFO"),
+                       (str(tmp_path), "a directory")):
+        out = optout_cli(cli_env, "import", path)
+        assert out.returncode == 2 and kind in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_import_names_bad_lines_by_number_with_a_masked_short_excerpt(cli_env: dict[str, str], tmp_path: Any) -> None:
+    secret = "the quick brown fox jumps over the lazy dog, card 4111111111111111 exp 12/29"
+    path = tmp_path / "notes.txt"
+    path.write_text(f"{secret}\nmy password is hunter2-hunter2-hunter2\n+12025550123\n")
+    out = optout_cli(cli_env, "import", str(path))
+    assert out.returncode == 2 and "added 1" in out.stdout
+    lines = out.stderr.splitlines()
+    assert any(line.startswith(f"{path}:1: ") for line in lines) and any(line.startswith(f"{path}:2: ")
+                                                                         for line in lines)
+    assert "hunter2-hunter2" not in out.stderr and "4111111111111111" not in out.stderr
+    assert "quick brown fox jumps" not in out.stderr
+    assert all(len(line) < len(str(path)) + 160 for line in lines if line.startswith(str(path)))
+
+
+def test_cli_free_text_and_ids_follow_the_one_rule(cli_env: dict[str, str]) -> None:
+    bad = optout_cli(cli_env, "add", "+12025550123", "--reason", "line\nbreak")
+    assert bad.returncode == 2 and "--reason" in bad.stderr
+    assert optout_cli(cli_env, "export", "--audit", "--campaign", "a,b").returncode == 2
+
+
+# --- 10. a report of any trail -------------------------------------------------------------------------------------
+_MOMENTS = st.one_of(st.none(), st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 29),
+                                             timezones=st.sampled_from([UTC, timezone(timedelta(hours=-1))])))
+_ROWS = st.fixed_dictionaries({
+    "received_at": st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 29),
+                                timezones=st.just(UTC)),
+    "pressed_at": _MOMENTS, "hungup_at": _MOMENTS, "hangup_requested_at": _MOMENTS, "visible_at": _MOMENTS,
+    "cache_visible_at": _MOMENTS,
+    "outcome": st.sampled_from(["blacklisted", "already_blacklisted", "number_unknown", "removed", "prevented", "x"]),
+    "origin": st.sampled_from(["ari", "agi", "ami", "sns", "admin", "unknown-origin"]),
+    "source": st.sampled_from(["user_optout", "admin_import"]),
+    "phone_number": st.one_of(st.none(), st.just("+12025550123")),
+    "campaign_id": st.one_of(st.none(), st.text(max_size=5)),
+    "event_id": st.text(max_size=5), "actor": st.none(), "reason": st.text(max_size=10), "call_id": st.none()})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_ROWS, max_size=6))
+def test_the_report_renders_any_trail(trail: list[dict[str, Any]]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from agent import report
+    from agent.audit import ChainVerifier
+
+    data = report.ReportData(since=None, until=None, campaign=None)
+    for row in trail:
+        data.add(row)
+    html = report.render_html(data, ChainVerifier().report(), generated_at=datetime.now(UTC), title="t")
+    assert html.endswith("</html>")
+    with tempfile.TemporaryDirectory() as directory:
+        for path in report.write_csv(data, Path(directory)):
+            assert formulas(path.read_bytes()) == []
+
+
+async def test_a_report_renders_an_opt_out_pressed_months_before_it_was_stored(
+    pipeline: OptOutPipeline, pg_store: PostgresStore,
+) -> None:
+    from agent import report
+    from agent.audit import ChainVerifier
+
+    months = datetime.now(UTC) - timedelta(days=200)
+    event = parse_event({"phoneNumber": "+12025550177", "timestamp": months.isoformat()}).event
+    await pipeline.submit(record_from_event(event, origin=Origin.SNS, region="US"))
+    for i in range(3):  # and presses of today: the months-old one is the outlier of the histogram
+        await pipeline.submit(make_record(f"+1202555018{i}").model_copy(update={"pressed_at": datetime.now(UTC)}))
+    data = await report.collect(pg_store, since=None, until=None, campaign=None)
+    assert data.visible.count == 4
+    html = report.render_html(data, ChainVerifier().report(), generated_at=datetime.now(UTC), title="t")
+    assert 'id="visible-stats"' in html
