@@ -19,7 +19,10 @@ from typing import Any
 
 TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 """First characters that make a spreadsheet read a cell as a formula."""
-_LEAD = re.compile(rb"(^|,)(?='?[=+\-@\t\r])", re.MULTILINE)
+_TRIGGER_BYTES = tuple(t.encode() for t in TRIGGERS)
+_CELL_STARTS = (re.compile(rb',"?[=+\-@\t\r]'), re.compile(rb'\n"?[=+\-@\t\r]'))
+"""Where a cell may begin with a formula character: after a comma or a line break, quoted or not. Two
+passes, each led by one literal byte, so the regex engine jumps from comma to comma."""
 
 
 def cell(value: Any) -> str:
@@ -45,9 +48,25 @@ def rows_csv(rows: Iterable[Iterable[Any]]) -> bytes:
 
 def _neutralise_block(data: bytes) -> bytes:
     """Whole records of PostgreSQL's `COPY ... (FORMAT csv)` (LF line ends), as `rows_csv` would write them."""
-    if b'"' not in data:  # no quoted field: every cell starts at a line start or after a comma
-        return _LEAD.sub(rb"\1'", data).replace(b"\n", b"\r\n")
-    return rows_csv(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    if b"'" in data:  # a cell may start with ' already: the exact (slower) way
+        return rows_csv(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    starts = sorted(m.start() + 1 for pattern in _CELL_STARTS for m in pattern.finditer(data))
+    if data.startswith(_TRIGGER_BYTES) or data.startswith(tuple(b'"' + t for t in _TRIGGER_BYTES)):
+        starts.insert(0, 0)
+    out: list[bytes] = []
+    at = quotes = 0
+    for start in starts:  # a cell starts there only outside a quoted field (an even number of quotes before)
+        quotes += data.count(b'"', at, start)
+        out.append(data[at:start])
+        at = start
+        if quotes % 2 == 0:
+            if data[start:start + 1] == b'"':
+                out.append(b'"')
+                at += 1
+                quotes += 1
+            out.append(b"'")
+    out.append(data[at:])
+    return b"".join(out).replace(b"\n", b"\r\n")
 
 
 def _records_end(buf: bytes) -> int:
