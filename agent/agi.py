@@ -138,7 +138,12 @@ class AgiRequest(Request):  # type: ignore[misc] # panoramisk ships no types
     """panoramisk's Request, reading replies past Asterisk's asynchronous `HANGUP` notice, and keeping
     replies in step with commands: the late reply of a command that timed out is read and dropped before
     the next command, never taken for that command's reply (a shifted GET VARIABLE could read one
-    variable's value as another's: a contact id as the number to opt out)."""
+    variable's value as another's: a contact id as the number to opt out).
+
+    A reply spans lines when a variable's value holds a line break (Asterisk sends `GET VARIABLE`'s value
+    verbatim: a dialer id `"x\n200 result=1 (+1...)"` would answer the *next* command). Such a reply is read
+    to its end (a `(` value ends with `)`), and lines already waiting after a reply are read too; the value
+    is then dropped (unset), so every later reply stays the reply of its own command."""
 
     hung_up = False
     owed = 0
@@ -168,9 +173,33 @@ class AgiRequest(Request):  # type: ignore[misc] # panoramisk ships no types
             if line.strip() == "HANGUP":
                 self.hung_up = True  # the caller hung up; the reply to our command follows
                 continue
+            garbled = False
+            if line.startswith("200 ") and "(" in line and not line.endswith(")"):
+                garbled = True  # a value with a line break: its reply ends at the line ending with ")"
+                for _ in range(MAX_HEADER_LINES):
+                    raw = await self.reader.readline()
+                    if not raw.endswith(b"\n") or decode(raw).rstrip("\r\n").endswith(")"):
+                        break
+            garbled = await self._drop_waiting_lines() or garbled
+            if garbled:
+                log.warning("FastAGI reply spanning lines (a value with a line break): value dropped")
+                return {"status_code": 200, "result": ("0", ""), "msg": "", "garbled": True}
             result: dict[str, Any] = parse_agi_result(line)
             return result
         raise AgiProtocolError("no reply among the lines Asterisk sent")
+
+    async def _drop_waiting_lines(self) -> bool:
+        """Read the whole lines already waiting after a reply (Asterisk sends nothing unasked but its `HANGUP`
+        notice; they are read without waiting): True when any of them was something else, the tail of a reply
+        that spanned lines."""
+        other = False
+        for _ in range(bytes(getattr(self.reader, "_buffer", b"")).count(b"\n")):
+            line = decode(await self.reader.readline()).strip()
+            if line == "HANGUP":
+                self.hung_up = True
+            else:
+                other = True
+        return other
 
 
 class GuardedApplication(Application):  # type: ignore[misc] # panoramisk ships no types

@@ -691,3 +691,16 @@ async def test_a_report_renders_an_opt_out_pressed_months_before_it_was_stored(
     assert data.visible.count == 4
     html = report.render_html(data, ChainVerifier().report(), generated_at=datetime.now(UTC), title="t")
     assert 'id="visible-stats"' in html
+
+
+async def test_a_variable_value_with_a_line_break_cannot_answer_the_next_command(
+    agi_port: int, pg_store: PostgresStore,
+) -> None:
+    """Asterisk sends GET VARIABLE's value verbatim: an id holding a line break and a forged reply must not
+    become the reply to the next GET VARIABLE (the number)."""
+    for campaign in (f"x\n200 result=1 ({INJECTED})", f"x)\n200 result=1 ({INJECTED})"):
+        got = await play_asterisk(agi_port, agi_request("optout"),
+                                  {"CAMPAIGN_ID": campaign, "OPTOUT_NUMBER": CALLEE, "CALL_ID": "c"})
+        assert got[-1] == "HANGUP"
+    assert await wait_listed(pg_store, [CALLEE, INJECTED]) == {CALLEE}
+    assert await pg_store.blacklisted([INJECTED]) == set()
