@@ -6,10 +6,10 @@ import asyncio
 import codecs
 import csv
 import hashlib
-import io
 import json
 import os
 import signal
+import stat
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
+from agent import csvsafe
 from agent.audit import ChainReport, ChainVerifier
 from agent.constants import Origin, Source
 from agent.core import Core
@@ -153,7 +154,7 @@ def row_value(line: str, column: int | None) -> str | InvalidInput | None:
         value = fields[column].strip() if column < len(fields) else ""
     if len(value) > MAX_FIELD:
         return InvalidInput("phone", f"is {len(value)} characters long, more than {MAX_FIELD}")
-    return value
+    return csvsafe.unneutralise(value)  # as `optout export` writes it: "'+15551234567"
 
 
 def _fields(line: str) -> list[str] | None:
@@ -278,7 +279,11 @@ async def import_numbers(
     """
     report = report if report is not None else ImportReport()
     region = core.settings.optout_default_region
-    total = os.fstat(fh.fileno()).st_size
+    info = os.fstat(fh.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableFile("file", "is not a regular file (a device, FIFO or directory): import reads files of "
+                                     "numbers only")
+    total = info.st_size
     sha = await asyncio.to_thread(file_sha256, fh)
     state = await core.store.import_state(sha)
     if state is not None and not state.finished and state.last_line > 0 and not restart:
@@ -368,20 +373,18 @@ class _Committer:
 
 # --- export, history, audit -------------------------------------------------------------------------
 async def export_csv(core: Core) -> AsyncIterator[bytes]:
-    """The blacklist as CSV (header first), streamed: the database's COPY where it has one."""
+    """The blacklist as CSV (header first), streamed: the database's COPY where it has one. Every cell is
+    neutralised for spreadsheets (agent/csvsafe.py)."""
     yield b"phoneNumber,addedAt,reason,source,metadata\r\n"
     fast = core.store.blacklist_csv()
     if fast is not None:
-        async for chunk in fast:
-            yield chunk.replace(b"\n", b"\r\n")
+        async for chunk in csvsafe.neutralised(fast):
+            yield chunk
         return
     async for batch in core.store.entries():
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        for e in batch:
-            meta = json.dumps(e.metadata, separators=(",", ":")) if e.metadata else ""
-            writer.writerow([e.phone_number, e.added_at.isoformat(), e.reason, e.source.value, meta])
-        yield buf.getvalue().encode()
+        yield csvsafe.rows_csv(
+            [e.phone_number, e.added_at, e.reason, e.source.value,
+             json.dumps(e.metadata, separators=(",", ":")) if e.metadata else ""] for e in batch)
 
 
 AUDIT_COLUMNS = (
@@ -394,30 +397,23 @@ AUDIT_COLUMNS = (
 async def export_audit_csv(
     core: Core, *, campaign_id: str | None, number_prefix: str | None
 ) -> AsyncIterator[bytes]:
-    """Audit rows of a campaign or number range as CSV (header first), streamed."""
+    """Audit rows of a campaign or number range as CSV (header first), streamed; every cell neutralised for
+    spreadsheets (agent/csvsafe.py)."""
     yield (",".join(AUDIT_COLUMNS) + "\r\n").encode()
     fast = core.store.actions_csv(AUDIT_COLUMNS, campaign_id=campaign_id, number_prefix=number_prefix)
     if fast is not None:
-        async for chunk in fast:
-            yield chunk.replace(b"\n", b"\r\n")
+        async for chunk in csvsafe.neutralised(fast):
+            yield chunk
         return
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    count = 0
+    rows: list[list[Any]] = []
     async for row in core.store.actions(campaign_id=campaign_id, number_prefix=number_prefix):
         if row.get("visible_at") is None and row.get("cache_visible_at") is not None:
             row = {**row, "visible_at": row["cache_visible_at"]}
-        writer.writerow(["" if row.get(c) is None else _text(row[c]) for c in AUDIT_COLUMNS])
-        count += 1
-        if count % 1000 == 0:
-            yield buf.getvalue().encode()
-            buf.seek(0)
-            buf.truncate()
-    yield buf.getvalue().encode()
-
-
-def _text(value: object) -> str:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+        rows.append([row.get(c) for c in AUDIT_COLUMNS])
+        if len(rows) == 1000:
+            yield csvsafe.rows_csv(rows)
+            rows.clear()
+    yield csvsafe.rows_csv(rows)
 
 
 def _when(value: object) -> datetime | None:

@@ -116,6 +116,7 @@ async def run_agent(settings: Settings) -> int:
             hang_up_call=ari.hang_up_call if ari is not None else None,
             originate=ari.originate if ari is not None else None, guard=core.guard,
             api_token=settings.agent_api_token.get_secret_value() if settings.agent_api_token else None,
+            dial_endpoint=settings.optout_dial_endpoint,
         ))
         async with asyncio.TaskGroup() as tg:
             named = {

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from agent import admin, logs
 from agent.constants import Source
 from agent.core import Core, open_core
 from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavailable
+from agent.optout import TEXT_MAX, id_problem, text_problem
 from agent.phone import mask
 from agent.pipeline import Status
 from agent.settings import Settings
@@ -86,7 +88,24 @@ async def cmd_remove(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK if result is RemoveResult.REMOVED else EXIT_FOUND
 
 
+def regular_file_problem(path: str) -> str | None:
+    """Why `path` cannot be imported (None when it can): only a regular file is a file of numbers; a device
+    (`/dev/zero` never ends), a FIFO (blocks) or a directory is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"is {kind}, not a regular file: import reads files of numbers only"
+
+
 async def cmd_import(core: Core, args: argparse.Namespace) -> int:
+    if (problem := regular_file_problem(args.file)) is not None:
+        print(f"error: {args.file}: {problem}", file=sys.stderr)
+        return EXIT_ERROR
     started = time.monotonic()
     # A bar on a terminal only (rows/s, % of the file read, ETA); a pipe or log file gets the summary alone.
     bar = tqdm(total=1, unit="B", unit_scale=True, file=sys.stderr, disable=not sys.stderr.isatty(),
@@ -261,6 +280,24 @@ async def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if call.hung_up else EXIT_FOUND
 
 
+def free_text(option: str) -> Callable[[str], str]:
+    """An argparse type: free text by the one rule (agent/optout.py), refused naming the option (exit 2)."""
+    def check(value: str) -> str:
+        if (problem := text_problem(value, TEXT_MAX)) is not None:
+            raise argparse.ArgumentTypeError(f"{option} {problem}")
+        return value
+    return check
+
+
+def identifier(option: str) -> Callable[[str], str]:
+    """An argparse type: an identifier by the one rule (agent/optout.py), refused naming the option (exit 2)."""
+    def check(value: str) -> str:
+        if (problem := id_problem(value)) is not None:
+            raise argparse.ArgumentTypeError(f"{option} {problem}")
+        return value
+    return check
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optout", description="Opt-out blacklist and agent (press 9 to stop calls).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -273,19 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("number", metavar="NUMBER")
     a.add_argument("--source", choices=[Source.ADMIN_IMPORT.value, Source.COMPLIANCE.value],
                    default=Source.ADMIN_IMPORT.value)
-    a.add_argument("--reason")
+    a.add_argument("--reason", type=free_text("--reason"))
     r = sub.add_parser("remove", help="take a number off the blacklist (audited)")
     r.add_argument("number", metavar="NUMBER")
-    r.add_argument("--reason", required=True)
+    r.add_argument("--reason", required=True, type=free_text("--reason"))
     i = sub.add_parser("import", help="import numbers (CSV with a phone column, or one per line)")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--source", choices=[s.value for s in Source], default=Source.ADMIN_IMPORT.value)
-    i.add_argument("--reason", default="imported")
+    i.add_argument("--reason", default="imported", type=free_text("--reason"))
     i.add_argument("--restart", action="store_true",
                    help="start from line 1 even if an earlier run of this file was interrupted (default: resume)")
     e = sub.add_parser("export", help="the blacklist as CSV on stdout (--audit: the audit trail)")
     e.add_argument("--audit", action="store_true", help="export audit rows instead of the blacklist")
-    e.add_argument("--campaign", help="with --audit: only this campaign")
+    e.add_argument("--campaign", type=identifier("--campaign"), help="with --audit: only this campaign")
     e.add_argument("--prefix", help="with --audit: only numbers starting with this E.164 prefix")
     h = sub.add_parser("history", help="the timeline of every action on one number")
     h.add_argument("number", metavar="NUMBER")
@@ -301,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="the compliance report: one self-contained HTML file (and CSV tables)")
     rp.add_argument("--since", metavar="DATE", help="first day (YYYY-MM-DD, UTC)")
     rp.add_argument("--until", metavar="DATE", help="last day, included")
-    rp.add_argument("--campaign", metavar="ID")
+    rp.add_argument("--campaign", metavar="ID", type=identifier("--campaign"))
     rp.add_argument("--out", metavar="FILE.html", required=True)
     rp.add_argument("--csv", metavar="DIR", help="also write the tables as CSV files into DIR")
     t = sub.add_parser("call", help="place a test call through Asterisk that presses digits")

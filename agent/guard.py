@@ -4,12 +4,18 @@ Both guarded ways to place a call use it: the FastAGI `precheck` route (a dialpl
 and the agent's `POST /calls` (which originates only once the number is cleared). A stopped call is
 counted (`optout_prevented_calls_total`) and written to the audit trail as its own action (outcome
 `prevented`), so the operator can show that no call followed an opt-out.
+
+The guard dials what it checked: `POST /calls` builds the endpoint from the checked number and the
+operator's template (OPTOUT_DIAL_ENDPOINT, e.g. `PJSIP/{number}@trunk`), never from an endpoint the caller
+sends. Checking a caller's endpoint for "the same number" cannot be done: a Local channel, a dialplan lookup
+or a SIP URI's parameters can lead anywhere, and trunk names and hosts hold digits of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,12 +25,31 @@ from typing import Any
 from agent import metrics
 from agent.constants import Origin, Outcome
 from agent.errors import InvalidPhoneNumber, OptOutError
-from agent.optout import ID_MAX, clean_text
+from agent.optout import clean_id
 from agent.phone import mask
 from agent.precheck import BlacklistChecker
 from agent.store import Store, admin_row
 
 log = logging.getLogger("agent.guard")
+
+
+PLACEHOLDERS = {"{number}": "the number in E.164 (+15551234567)", "{digits}": "its digits (15551234567)"}
+_TEMPLATE = re.compile(r"[A-Za-z0-9_-]{1,32}/[^\s,\"'\\(){}\[\]^|]*(?:\{number\}|\{digits\})[^\s,\"'\\(){}\[\]^|]*")
+
+
+def dial_template_problem(template: str) -> str | None:
+    """Why `template` cannot be OPTOUT_DIAL_ENDPOINT (None when it can): it must be `TECH/RESOURCE` holding
+    exactly one placeholder ({number} or {digits}) and nothing else in braces, quotes, brackets or spaces."""
+    if sum(template.count(p) for p in PLACEHOLDERS) != 1:
+        return "must hold exactly one of {number} and {digits}"
+    if not _TEMPLATE.fullmatch(template):
+        return "must look like TECH/RESOURCE (e.g. PJSIP/{number}@trunk), without spaces, quotes or brackets"
+    return None
+
+
+def dial_endpoint(template: str, number: str) -> str:
+    """The endpoint that dials `number` (E.164, as the guard checked it) through `template`."""
+    return template.replace("{number}", number).replace("{digits}", number.removeprefix("+"))
 
 
 class Verdict(Enum):
@@ -77,7 +102,7 @@ class DialGuard:
 
     def _audit(self, number: str, *, via: Origin, ids: tuple[str | None, ...]) -> None:
         now = datetime.now(UTC)
-        call_id, campaign_id, contact_id = (clean_text(i, ID_MAX) if i else None for i in ids)
+        call_id, campaign_id, contact_id = (clean_id(i) for i in ids)
         extra: dict[str, Any] = {"call_id": call_id, "campaign_id": campaign_id, "contact_id": contact_id}
         row = admin_row(event_id=f"prevented-{uuid.uuid4()}", phone_number=number, outcome=Outcome.PREVENTED,
                         at=now, recorded_at=now, actor=None, reason="call to a blacklisted number prevented",

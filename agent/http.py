@@ -6,9 +6,12 @@
     GET  /metrics                 Prometheus
     POST /calls/{callId}/hangup   end the call whose CALL_ID is callId (bearer token); `/terminate` is the
                                   old name of the same endpoint, kept for existing callers
-    POST /calls                   the dial guard: check the number (failing closed), then originate
+    POST /calls                   the dial guard: check the number (failing closed), then originate to the
+                                  endpoint built from that number (OPTOUT_DIAL_ENDPOINT, agent/guard.py)
 
-Every error answer is JSON `{"error": "..."}` naming the field and the problem where there is one.
+Every error answer is JSON `{"error": "..."}` naming the field and the problem where there is one. Every
+identifier (callId, campaignId, contactId, the path's callId, variable values) must pass the identifier rule
+(agent/optout.py): it is set on the channel, where Asterisk's dialplan would re-read a `,` or a line break.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.constants import Origin
-from agent.errors import TelephonyError
-from agent.guard import DialGuard, Verdict
+from agent.errors import ConfigError, TelephonyError
+from agent.guard import DialGuard, Verdict, dial_endpoint, dial_template_problem
 from agent.lifecycle import Resource
-from agent.optout import ID_MAX, HangupInfo, text_problem
+from agent.optout import ID_MAX, HangupInfo, id_problem, text_problem
 
 log = logging.getLogger("agent.http")
 
@@ -77,24 +80,32 @@ class CallRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     number: str = Field(max_length=64)
-    endpoint: str = Field(max_length=300)
+    endpoint: str | None = Field(default=None, max_length=300)
+    """Optional: the endpoint is built from the checked number; one sent must be that same endpoint."""
     call_id: str | None = Field(default=None, alias="callId", max_length=ID_MAX)
     campaign_id: str | None = Field(default=None, alias="campaignId", max_length=ID_MAX)
     contact_id: str | None = Field(default=None, alias="contactId", max_length=ID_MAX)
     caller_id: str | None = Field(default=None, alias="callerId", max_length=128)
     variables: dict[str, str] = Field(default_factory=dict, max_length=64)
 
-    @field_validator("number", "endpoint", "call_id", "campaign_id", "contact_id", "caller_id")
+    @field_validator("number", "endpoint", "caller_id")
     @classmethod
-    def _storable(cls, value: str | None) -> str | None:
+    def _text(cls, value: str | None) -> str | None:
         if value is not None and (problem := text_problem(value, 300)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("call_id", "campaign_id", "contact_id")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and (problem := id_problem(value)) is not None:
             raise ValueError(problem)
         return value
 
     @field_validator("endpoint")
     @classmethod
-    def _endpoint(cls, value: str) -> str:
-        if not _ENDPOINT.fullmatch(value):
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ENDPOINT.fullmatch(value):
             raise ValueError("must look like TECH/RESOURCE, e.g. PJSIP/+15551234567@trunk")
         return value
 
@@ -106,7 +117,7 @@ class CallRequest(BaseModel):
                 raise ValueError(f"{name[:40]!r} is not a channel variable name")
             if name in RESERVED_VARIABLES:
                 raise ValueError(f"{name} is set by the agent from the body's own fields")
-            if (problem := text_problem(var, 1024)) is not None:
+            if var and (problem := id_problem(var, 1024)) is not None:
                 raise ValueError(f"{name} {problem}")
         return value
 
@@ -123,8 +134,13 @@ class AgentHttp(AppServer):
     def __init__(
         self, *, host: str, port: int, readiness: Probe, advisory: Probe | None = None,
         hang_up_call: CallHangup | None = None, originate: Originate | None = None, guard: DialGuard | None = None,
-        api_token: str | None,
+        api_token: str | None, dial_endpoint: str | None = None,
     ) -> None:
+        """`dial_endpoint`: OPTOUT_DIAL_ENDPOINT, the template `POST /calls` dials through (unset: it answers
+        503). Raises ConfigError when it is not a usable template."""
+        if dial_endpoint is not None and (problem := dial_template_problem(dial_endpoint)) is not None:
+            raise ConfigError(f"OPTOUT_DIAL_ENDPOINT {dial_endpoint!r} {problem}")
+        self._dial_endpoint = dial_endpoint
         self._readiness = readiness
         self._advisory = advisory
         self._hang_up_call = hang_up_call
@@ -168,8 +184,8 @@ class AgentHttp(AppServer):
         if self._hang_up_call is None:
             return answer(503, error="no telephony connection that can hang up calls (ARI is off)")
         call_id = request.match_info["call_id"]
-        if not call_id or len(call_id) > ID_MAX:
-            return answer(400, error=f"field callId: must be 1 to {ID_MAX} characters")
+        if (problem := id_problem(call_id)) is not None:
+            return answer(400, error=f"field callId: {problem}")
         results = await self._hang_up_call(call_id)
         if not results:
             return answer(404, error=f"no call with CALL_ID {call_id!r} on this Asterisk")
@@ -182,6 +198,9 @@ class AgentHttp(AppServer):
             return refused
         if self._guard is None or self._originate is None:
             return answer(503, error="no telephony connection that can place calls (ARI is off)")
+        if self._dial_endpoint is None:
+            return answer(503, error="placing calls needs OPTOUT_DIAL_ENDPOINT (the endpoint the checked number is "
+                                     "dialled through, e.g. PJSIP/{number}@trunk)")
         try:
             body = json.loads(await request.read())
         except (ValueError, RecursionError):
@@ -201,10 +220,14 @@ class AgentHttp(AppServer):
             return answer(400, error=verdict.problem)
         if verdict.verdict is Verdict.UNKNOWN or verdict.number is None:
             return answer(503, error="the blacklist cannot be checked now; no call was placed")
+        endpoint = dial_endpoint(self._dial_endpoint, verdict.number)
+        if call.endpoint is not None and call.endpoint != endpoint:
+            return answer(400, error=f"field endpoint: {call.endpoint!r} is not the endpoint of the checked number "
+                                     f"({endpoint!r}); leave it out: the guard dials the number it checked")
         variables = {**call.variables, "CALL_ID": call_id, "OPTOUT_NUMBER": verdict.number}
         variables.update({k: v for k, v in (("CAMPAIGN_ID", call.campaign_id), ("CONTACT_ID", call.contact_id)) if v})
         try:
-            channel_id = await self._originate(call.endpoint, variables, call.caller_id)
+            channel_id = await self._originate(endpoint, variables, call.caller_id)
         except TelephonyError as exc:
             status = 400 if "HTTP 400" in str(exc) else 502
             return answer(status, error=f"field endpoint: {exc}" if status == 400 else str(exc))

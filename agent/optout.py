@@ -4,17 +4,26 @@ JSON in and out keeps the camelCase names producers already use:
 `{"callId":"call-123","campaignId":"campaign-456","contactId":"contact-789",
   "phoneNumber":"+972501234567","dtmfInput":"9","timestamp":"2024-01-15T10:30:00Z"}`
 
-Text that the store cannot hold (a NUL, a lone surrogate, control characters, more than the column's
-length) is refused at the boundary: in an event from a producer the bad field is dropped and reported
-(`parse_event`), and in a record built from a channel it is cleaned. The opt-out itself is never dropped
-for a bad field other than the number.
+One rule for text from outside, used by every way in (SNS, FastAGI, AMI, ARI variables, `POST /calls`, the
+CLI): `id_problem` for identifiers (call, campaign, contact and event ids), `text_problem` for free text
+(reasons, names). Identifiers travel on through parsers that split on characters (Asterisk's application
+arguments split on `,` outside quotes, brackets and parentheses, and honour `"` and `\\`; AGI, AMI and log
+lines end at CR or LF; a CSV row ends at a newline), so an identifier is 1 to ID_MAX printable characters
+and none of ID_FORBIDDEN. Free text may hold any printable character but no control, format or
+line-separator character. What breaks the rule is refused where a person or producer sent it (an event's
+optional field is dropped and reported by `parse_event`, the number never is; `POST /calls` and the CLI
+answer with the field's name) and cleaned or dropped where a channel carries it (the press still counts).
+
+A timestamp that cannot be represented in UTC between TIME_MIN and TIME_MAX (.NET's
+`0001-01-01T00:00:00+01:00`) is refused at parse time naming its field: stored, it would fail every later
+step that converts it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,35 +36,86 @@ from agent.phone import normalise
 
 ID_MAX = 128
 TEXT_MAX = 1000
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+ID_FORBIDDEN = ',"\\()[]{}^|'
+"""Characters an identifier may not hold: Asterisk's argument separators, quotes, escapes and brackets
+(`AGI()`, `Gosub()`, `ExecIf()` arguments), the old `|` separator and the expression/variable brackets."""
+TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(9999, 12, 30, tzinfo=UTC)
+"""Timestamps outside [TIME_MIN, TIME_MAX) are refused: before the Unix epoch no opt-out was made, and past
+TIME_MAX a day's arithmetic or a time-zone offset overflows."""
+_NOT_PRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Unicode categories refused everywhere: controls (NUL, TAB, CR, LF, ESC...), format characters (zero-width,
+bidirectional overrides), lone surrogates, line and paragraph separators."""
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _unprintable(value: str) -> str | None:
+    for ch in value:
+        if ch.isprintable():
+            continue
+        kind = unicodedata.category(ch)
+        if kind in _NOT_PRINTABLE:
+            if ch == "\x00":
+                return "contains a NUL character"
+            if kind == "Cs":
+                return "contains a lone surrogate (not valid Unicode)"
+            if ch in "\r\n":
+                return "contains a line break (CR or LF)"
+            return f"contains the control or format character U+{ord(ch):04X}"
+    return None
+
+
 def text_problem(value: str, max_len: int) -> str | None:
-    """Why the store could not hold `value` as given (None when it can)."""
-    if "\x00" in value:
-        return "contains a NUL character"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains a lone surrogate (not valid Unicode)"
-    if _CONTROL.search(value):
-        return "contains control characters"
+    """Why `value` is not acceptable free text (None when it is): a control or format character (NUL, CR,
+    LF, TAB...), a lone surrogate, or more than `max_len` characters."""
     if len(value) > max_len:
         return f"is {len(value)} characters long, more than {max_len}"
+    return _unprintable(value)
+
+
+def id_problem(value: str, max_len: int = ID_MAX) -> str | None:
+    """Why `value` is not an acceptable identifier (None when it is): empty, longer than `max_len`, a
+    character `text_problem` refuses, or one of ID_FORBIDDEN."""
+    if not value:
+        return "is empty"
+    if (problem := text_problem(value, max_len)) is not None:
+        return problem
+    if bad := sorted({ch for ch in value if ch in ID_FORBIDDEN}):
+        return f"contains {' '.join(repr(ch) for ch in bad)}, which an identifier may not hold"
     return None
 
 
 def clean_text(value: str, max_len: int) -> str:
-    """`value` made storable: control characters (NUL included) removed, lone surrogates replaced, cut at
-    `max_len` characters."""
-    value = _CONTROL.sub("", value)
-    if text_problem(value, max_len) is not None:
-        value = value.encode("utf-8", "replace").decode("utf-8")
+    """`value` made acceptable free text: every character `text_problem` refuses removed (a TAB, CR or LF
+    becomes a space), cut at `max_len` characters."""
+    if _unprintable(value) is not None:
+        value = "".join(" " if ch in "\t\r\n" else ch for ch in value
+                        if ch in "\t\r\n" or unicodedata.category(ch) not in _NOT_PRINTABLE)
     return value[:max_len]
+
+
+def clean_id(value: object, max_len: int = ID_MAX) -> str | None:
+    """`value` made an acceptable identifier, for identifiers a channel carries (the press still counts):
+    every character `id_problem` refuses removed, stripped, cut at `max_len`; None when nothing is left."""
+    if not isinstance(value, str):
+        return None
+    if id_problem(value.strip(), max_len) is not None:
+        value = "".join(ch for ch in clean_text(value, len(value)) if ch not in ID_FORBIDDEN)
+    return value.strip()[:max_len].strip() or None
+
+
+def utc_problem(value: datetime) -> str | None:
+    """Why `value` cannot be stored as a moment (None when it can)."""
+    try:
+        utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        return f"{value.isoformat()} cannot be represented in UTC"
+    if not TIME_MIN <= utc < TIME_MAX:
+        return f"{value.isoformat()} is outside {TIME_MIN.year} to {TIME_MAX.year}"
+    return None
 
 
 def clean_json(value: Any, *, depth: int = 0) -> Any:
@@ -81,7 +141,13 @@ class _Camel(BaseModel):
     model_config = ConfigDict(populate_by_name=True, frozen=True, extra="ignore", str_strip_whitespace=True)
 
 
-def _refuse_unstorable(value: Any, max_len: int) -> Any:
+def _refuse_bad_id(value: Any, max_len: int = ID_MAX) -> Any:
+    if isinstance(value, str) and (problem := id_problem(value.strip(), max_len)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _refuse_bad_text(value: Any, max_len: int) -> Any:
     if isinstance(value, str) and (problem := text_problem(value, max_len)) is not None:
         raise ValueError(problem)
     return value
@@ -100,19 +166,28 @@ class OptOutEvent(_Camel):
 
     @field_validator("call_id", "campaign_id", "contact_id", "event_id", mode="before")
     @classmethod
-    def _storable_id(cls, value: Any) -> Any:
-        return _refuse_unstorable(value, ID_MAX)
+    def _identifier(cls, value: Any) -> Any:
+        return _refuse_bad_id(value)
 
-    @field_validator("phone_number", "dtmf_input", mode="before")
+    @field_validator("dtmf_input", mode="before")
     @classmethod
-    def _storable_text(cls, value: Any) -> Any:
-        return _refuse_unstorable(value, 64)
+    def _digits(cls, value: Any) -> Any:
+        return _refuse_bad_id(value, 16)
+
+    @field_validator("phone_number", mode="before")
+    @classmethod
+    def _number_text(cls, value: Any) -> Any:
+        return _refuse_bad_text(value, 64)
 
     @field_validator("timestamp")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
+    def _representable(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if (problem := utc_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
 
@@ -175,6 +250,13 @@ class HangupInfo(_Camel):
     hungup_at: datetime | None = Field(default=None, alias="hungupAt")
     method: str | None = None
     result: str | None = None
+    """`ok`, `gone`, `timeout`, `not-found`, or `error: ...` with the far end's words (cleaned, cut)."""
+
+    @field_validator("method", "result", mode="before")
+    @classmethod
+    def _clean(cls, value: Any) -> Any:
+        """Far-end text (an AGI reply, an HTTP error) is cleaned and cut before anything stores it."""
+        return clean_text(value, 200) if isinstance(value, str) else value
 
     @property
     def ok(self) -> bool:
@@ -209,11 +291,22 @@ class OptOutRecord(_Camel):
     actor: str | None = None
     channel: dict[str, Any] | None = None
 
-    @field_validator("event_id", "source_event_id", "call_id", "campaign_id", "contact_id", "raw_number",
-                     "number_source", "digit", "actor", mode="before")
+    @field_validator("event_id", "raw_number", "number_source", "digit", "actor", mode="before")
     @classmethod
-    def _clean_id(cls, value: Any) -> Any:
+    def _clean_short(cls, value: Any) -> Any:
         return clean_text(value, ID_MAX) if isinstance(value, str) else value
+
+    @field_validator("source_event_id", "call_id", "campaign_id", "contact_id", mode="before")
+    @classmethod
+    def _identifier(cls, value: Any) -> Any:
+        """An identifier that breaks the rule is cleaned (the opt-out is never lost for it)."""
+        return clean_id(value) if isinstance(value, str) else value
+
+    @field_validator("pressed_at", "journaled_at", "visible_at")
+    @classmethod
+    def _representable(cls, value: datetime | None) -> datetime | None:
+        """A moment that cannot be represented (journaled before it was refused at parse time) is left out."""
+        return None if value is not None and utc_problem(value) is not None else value
 
     @field_validator("reason", mode="before")
     @classmethod

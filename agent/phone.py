@@ -42,14 +42,14 @@ def normalise(raw: object, *, region: str, field: str = "phoneNumber") -> str:
     try:
         parsed = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException as exc:
-        raise InvalidPhoneNumber(field, f"{mask(text)!r} cannot be read as a phone number ({exc})") from exc
+        raise InvalidPhoneNumber(field, f"{excerpt(text)!r} cannot be read as a phone number ({exc})") from exc
     # "Possible" (a known country code and a length that country uses), not "valid" (inside a range the
     # library's metadata knows is allocated): allocation data lags reality, and refusing a real caller's
     # opt-out because a range is new would be the worse mistake.
     reason = phonenumbers.is_possible_number_with_reason(parsed)
     if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
         problem = _REASONS.get(reason, "is not a possible number")
-        raise InvalidPhoneNumber(field, f"{mask(text)!r} {problem} (read in region {region})")
+        raise InvalidPhoneNumber(field, f"{excerpt(text)!r} {problem} (read in region {region})")
     e164 = str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
     if not text.startswith("+") and not phonenumbers.is_valid_number(parsed):
         _warn_region(text, e164, region)
@@ -132,6 +132,16 @@ def _warn_region(text: str, e164: str, region: str) -> None:
     log.warning("national-format number %s read in region %s as %s, which is not a valid number there: check "
                 "OPTOUT_DEFAULT_REGION (accepted, as possible numbers are)", mask(text), region, mask(e164),
                 extra={"region": region})
+
+
+EXCERPT = 16
+"""Characters of a refused value an error message shows (masked), so a message never echoes a whole line."""
+
+
+def excerpt(text: str, limit: int = EXCERPT) -> str:
+    """`text` for an error message: digits masked (but the last four), cut at `limit` characters."""
+    shown = mask(text)
+    return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
 def mask(number: str, *, keep: int = 4) -> str:

@@ -32,7 +32,7 @@ from agent.cache import RedisCache
 from agent.constants import Outcome
 from agent.errors import CacheUnavailable, JournalError, StoreRejected, StoreUnavailable
 from agent.journal import PARK_AFTER, AppendResult, Journal
-from agent.optout import HangupInfo, OptOutRecord
+from agent.optout import HangupInfo, OptOutRecord, clean_text
 from agent.phone import mask
 from agent.store import Store, StoreResult
 
@@ -62,13 +62,22 @@ class PipelineResult:
 
 
 def stripped(record: OptOutRecord, error: str) -> OptOutRecord:
-    """The opt-out without the fields the store could refuse: the number is never dropped for them."""
+    """The opt-out without the fields the store could refuse: the number is never dropped for them. Every
+    optional field goes, the far end's hangup text included (its result keeps only its fixed label)."""
+    hangup = record.hangup
+    if hangup is not None:
+        hangup = hangup.model_copy(update={"result": metrics.hangup_label(hangup.result), "method": None})
     return OptOutRecord(
-        event_id=record.event_id, phone_number=record.phone_number, number_source=record.number_source,
-        origin=record.origin, source=record.source, digit=record.digit, pressed_at=record.pressed_at,
-        received_at=record.received_at, journaled_at=record.journaled_at, visible_at=record.visible_at,
-        hangup=record.hangup, reason=f"{record.reason}; other fields dropped, the store refused them: {error}",
+        event_id=record.event_id, phone_number=record.phone_number, origin=record.origin, source=record.source,
+        pressed_at=record.pressed_at, received_at=record.received_at, journaled_at=record.journaled_at,
+        visible_at=record.visible_at, hangup=hangup,
+        reason=f"{record.reason}; other fields dropped, the store refused them: {clean_text(error, 200)}",
     )
+
+
+def failure(exc: BaseException) -> str:
+    """A record's failure as one line for the journal and the log: its type and its message, cut."""
+    return clean_text(f"{type(exc).__name__}: {exc}", 300)
 
 
 class OptOutPipeline:
@@ -136,8 +145,8 @@ class OptOutPipeline:
             info = HangupInfo(method="unknown", result="timeout")
         except Exception as exc:  # noqa: BLE001 - a failed hangup must not lose the opt-out
             log.warning("hanging up the call failed: %s", exc)
-            info = HangupInfo(method="unknown", result=f"error: {exc}"[:200])
-        metrics.HANGUPS.labels(origin, info.result or "unknown").inc()
+            info = HangupInfo(method="unknown", result=f"error: {exc}")
+        metrics.HANGUPS.labels(origin, metrics.hangup_label(info.result)).inc()
         return info
 
     async def _after_hangup(self, record: OptOutRecord, hangup: HangupInfo | None,
@@ -219,26 +228,36 @@ class OptOutPipeline:
         return PipelineResult(Status.STORED, record, stored.outcome, record.hangup)
 
     async def write_isolated(self, records: Sequence[OptOutRecord]) -> list[StoreResult | BaseException]:
-        """Store a batch. A refusal of its data is narrowed down: each record alone, then without its
-        optional fields; what is still refused comes back as its StoreRejected. StoreUnavailable is raised."""
+        """Store a batch. A failure of its data, of any exception type but StoreUnavailable (a refusal, or a
+        value the store's driver cannot convert), is narrowed down: each record alone, then without its
+        optional fields; what still fails comes back as its StoreRejected. StoreUnavailable is raised."""
         try:
             return list(await self.store.write(records))
-        except StoreRejected as exc:
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one record's failure must not fail the batch
             if len(records) > 1:
-                log.warning("store refused a batch of %d, retrying one by one: %s", len(records), exc)
+                log.warning("store failed a batch of %d, retrying one by one: %s", len(records), failure(exc))
         out: list[StoreResult | BaseException] = []
         for record in records:
             try:
                 out.extend(await self.store.write([record]))
                 continue
-            except StoreRejected as exc:
-                error = str(exc)
-            log.error("store refused opt-out %s (%s); storing it without its optional fields", record.event_id,
-                      error, extra={"event_id": record.event_id})
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - isolated to this record
+                error = failure(exc)
+            metrics.ISOLATED.labels("store").inc()
+            log.warning("store refused opt-out %s (%s); storing it without its optional fields", record.event_id,
+                        error, extra={"event_id": record.event_id})
             try:
-                out.extend(await self.store.write([stripped(record, error[:200])]))
+                out.extend(await self.store.write([stripped(record, error)]))
+            except StoreUnavailable:
+                raise
             except StoreRejected as again:
                 out.append(again)
+            except Exception as again:  # noqa: BLE001 - isolated to this record
+                out.append(StoreRejected(failure(again)))
         return out
 
     async def retry_held(self) -> int:
@@ -298,13 +317,15 @@ class Replayer:
         self._interval = interval
         self._batch = batch
         self._wake = asyncio.Event()
+        self._reported: set[str] = set()
 
     def wake(self) -> None:
         """Replay now (the health monitor calls this when the store answers again)."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled. A record's failure is isolated to it inside `drain`; the store being down
+        backs off, and so does anything else unforeseen (logged, counted), so the loop never stops."""
         backoff = Backoff("journal replay", initial=0.2, maximum=10.0, logger=log)
         while True:
             try:
@@ -314,20 +335,27 @@ class Replayer:
             except StoreUnavailable as exc:
                 metrics.STORE_ERRORS.inc()
                 delay = backoff.delay(exc)
+            except Exception as exc:  # the replayer must outlive whatever a pass meets
+                metrics.ISOLATED.labels("replayer").inc()
+                log.exception("journal replay pass failed; retrying")
+                delay = backoff.delay(failure(exc))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
     async def drain(self) -> int:
         """Store every journaled record not in flight and not parked; returns how many were stored.
-        Raises StoreUnavailable."""
+
+        A record that fails, with any exception, is retried alone (next pass) and parked with its reason
+        after PARK_AFTER failures, so it never holds back the others. Raises StoreUnavailable."""
         pipeline, journal = self._pipeline, self._pipeline.journal
         await pipeline.retry_held()
         done = 0
+        failed: set[str] = set()
         while True:
-            rows = await journal.unstored(self._batch)
+            rows = await journal.unstored(self._batch + len(failed))
             inflight = pipeline.inflight  # after the read: a press journaled meanwhile is the pipeline's to store
-            pending = [r for r in rows if r.event_id not in inflight]
+            pending = [r for r in rows if r.event_id not in inflight and r.event_id not in failed][: self._batch]
             metrics.JOURNAL_DEPTH.set(await journal.depth())
             if not pending:
                 metrics.JOURNAL_PARKED.set(len(await journal.parked()))
@@ -335,8 +363,24 @@ class Replayer:
             results = await pipeline.write_isolated(pending)
             for record, res in zip(pending, results, strict=True):
                 if isinstance(res, StoreResult):
-                    await pipeline.complete(record, res)
+                    try:
+                        await pipeline.complete(record, res)
+                    except JournalError as exc:  # stored: a lost mark only repeats an idempotent write
+                        log.warning("opt-out %s stored, but the journal mark failed: %s", record.event_id, exc)
                     done += 1
-                elif await journal.mark_failed(record.event_id, str(res), rejected=True):
-                    parked(record, str(res))
+                    continue
+                failed.add(record.event_id)  # once per pass: the next pass retries it
+                self._note_failure(record, failure(res))
+                if await journal.mark_failed(record.event_id, failure(res), rejected=True):
+                    parked(record, failure(res))
             log.info("replayed %d journaled opt-outs into the store", done)
+
+    def _note_failure(self, record: OptOutRecord, error: str) -> None:
+        """Log a record's failure once per process (each attempt is counted in the journal)."""
+        if record.event_id in self._reported:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported.add(record.event_id)
+        log.warning("journaled opt-out %s failed in the store (%s); retried alone, set aside after %d failures",
+                    record.event_id, error, PARK_AFTER, extra={"event_id": record.event_id})

@@ -36,7 +36,7 @@ from agent.constants import EVENT_TYPE_NUMBER_UNKNOWN, EVENT_TYPE_OPTOUT, SNS_OR
 from agent.errors import PublishUnavailable
 from agent.journal import Journal
 from agent.lifecycle import Resource
-from agent.optout import OptOutRecord
+from agent.optout import OptOutRecord, clean_text
 
 log = logging.getLogger("agent.publisher")
 
@@ -123,6 +123,11 @@ class SnsPublisher(Resource):
                 # Not cut short by wake(): every new opt-out would otherwise hammer an SNS that is down.
                 await asyncio.sleep(backoff.delay(exc))
                 continue
+            except Exception as exc:  # the publisher must outlive whatever a pass meets (JournalError included)
+                metrics.ISOLATED.labels("publisher").inc()
+                log.exception("publishing pass failed; retrying")
+                await asyncio.sleep(backoff.delay(f"{type(exc).__name__}: {exc}"))
+                continue
             backoff.reset()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
@@ -137,11 +142,22 @@ class SnsPublisher(Resource):
             own = [r.event_id for r in records if r.origin is Origin.SNS]
             if own:
                 await self._journal.mark_published(own)
-            outgoing = [r for r in records if r.origin is not Origin.SNS]
+            outgoing: list[OptOutRecord] = []
+            unsendable: list[str] = []
+            for record in records:
+                if record.origin is Origin.SNS:
+                    continue
+                try:  # a record that cannot even be written out is set aside, never retried
+                    self._entry(0, record)
+                except Exception as exc:  # noqa: BLE001 - isolated to this record
+                    self._refuse(record.event_id, f"cannot be written as an event: {type(exc).__name__}: {exc}")
+                    unsendable.append(record.event_id)
+                    continue
+                outgoing.append(record)
             batches = [outgoing[i : i + _BATCH_MAX] for i in range(0, len(outgoing), _BATCH_MAX)]
-            results = await asyncio.gather(*(self._publish_batch(b) for b in batches), return_exceptions=True)
+            results = await asyncio.gather(*(self._publish_isolated(b) for b in batches), return_exceptions=True)
             accepted = [event_id for r in results if isinstance(r, tuple) for event_id in r[0]]
-            refused = [event_id for r in results if isinstance(r, tuple) for event_id in r[1]]
+            refused = [*unsendable, *(event_id for r in results if isinstance(r, tuple) for event_id in r[1])]
             if accepted:
                 await self._journal.mark_published(accepted)
                 metrics.PUBLISHED.inc(len(accepted))
@@ -153,27 +169,58 @@ class SnsPublisher(Resource):
             for failure in failures:
                 if not isinstance(failure, PublishUnavailable):
                     raise failure
-            handled = len(accepted) + len(refused)
+            handled = len(accepted) + len(refused) - len(unsendable)
             if failures or handled < len(outgoing):
                 raise PublishUnavailable(f"{len(outgoing) - handled} of {len(outgoing)} not accepted: {failures}")
 
+    @staticmethod
+    def _entry(i: int, record: OptOutRecord) -> dict[str, Any]:
+        return {
+            "Id": f"m{i}",  # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
+            "Message": json.dumps(record.event_json(), separators=(",", ":")),
+            "MessageAttributes": {
+                "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
+                "eventType": {"DataType": "String", "StringValue": EVENT_TYPE_OPTOUT if record.phone_number
+                              else EVENT_TYPE_NUMBER_UNKNOWN},
+            },
+        }
+
+    @staticmethod
+    def _refuse(event_id: str, why: str) -> None:
+        metrics.ISOLATED.labels("publisher").inc()
+        log.error("opt-out %s set aside, not published: %s (`optout parked` lists it)", event_id,
+                  clean_text(why, 300), extra={"event_id": event_id})
+
+    async def _publish_isolated(self, records: Sequence[OptOutRecord]) -> tuple[list[str], list[str]]:
+        """`_publish_batch`, narrowed down when SNS refuses the whole batch for its content (a 4xx that is
+        not throttling): each record alone, and one refused alone is set aside. Raises PublishUnavailable."""
+        try:
+            return await self._publish_batch(records)
+        except _BatchRefused as exc:
+            if len(records) == 1:
+                self._refuse(records[0].event_id, str(exc))
+                return [], [records[0].event_id]
+            log.warning("SNS refused a batch of %d (%s): publishing them one by one", len(records), exc)
+        accepted: list[str] = []
+        refused: list[str] = []
+        for record in records:
+            ok, no = await self._publish_isolated([record])
+            accepted += ok
+            refused += no
+        return accepted, refused
+
     async def _publish_batch(self, records: Sequence[OptOutRecord]) -> tuple[list[str], list[str]]:
-        """PublishBatch one chunk; returns the event ids SNS accepted and those it refused for good."""
-        entries = [
-            {
-                "Id": f"m{i}",  # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
-                "Message": json.dumps(record.event_json(), separators=(",", ":")),
-                "MessageAttributes": {
-                    "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
-                    "eventType": {"DataType": "String", "StringValue": EVENT_TYPE_OPTOUT if record.phone_number
-                                  else EVENT_TYPE_NUMBER_UNKNOWN},
-                },
-            }
-            for i, record in enumerate(records)
-        ]
+        """PublishBatch one chunk; returns the event ids SNS accepted and those it refused for good. Raises
+        _BatchRefused when SNS refuses the whole request for its content, PublishUnavailable otherwise."""
+        entries = [self._entry(i, record) for i, record in enumerate(records)]
         try:
             response = await self._client.publish_batch(TopicArn=self._topic_arn, PublishBatchRequestEntries=entries)
-        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+        except ClientError as exc:
+            metrics.PUBLISH_ERRORS.inc()
+            if _refused_for_content(exc):
+                raise _BatchRefused(f"PublishBatch refused: {exc}") from exc
+            raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
+        except (BotoCoreError, OSError, TimeoutError) as exc:
             metrics.PUBLISH_ERRORS.inc()
             raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
         by_id = {f"m{i}": record.event_id for i, record in enumerate(records)}
@@ -187,5 +234,26 @@ class SnsPublisher(Resource):
                 "a sender fault: set aside, not retried" if permanent else "retried",
             )
             if permanent and event_id is not None:
+                metrics.ISOLATED.labels("publisher").inc()
                 refused.append(event_id)
         return [by_id[ok["Id"]] for ok in response.get("Successful", []) if ok.get("Id") in by_id], refused
+
+
+class _BatchRefused(Exception):
+    """SNS refused a whole PublishBatch for what it holds (not for being unreachable or busy)."""
+
+
+_TRANSIENT_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
+                              "TooManyRequestsException", "KMSThrottlingException", "RequestTimeout"})
+
+
+def _refused_for_content(exc: ClientError) -> bool:
+    """A 4xx answer that is about the request's content: retrying the same batch cannot help. Credentials,
+    permissions, a missing topic and throttling are the deployment's or SNS's state: those are retried."""
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = str(error.get("Code", ""))
+    if code in _TRANSIENT_CODES or code.startswith(("AccessDenied", "AuthorizationError", "InvalidClientTokenId",
+                                                    "NotFound", "ExpiredToken", "SignatureDoesNotMatch")):
+        return False
+    return isinstance(status, int) and 400 <= status < 500

@@ -20,7 +20,6 @@ Numbers are masked (agent.phone.mask) in the HTML and the CSV unless `full_numbe
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from bisect import bisect_right
@@ -32,7 +31,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent import charts
+from agent import charts, csvsafe
 from agent.audit import ChainReport
 from agent.constants import Origin, Outcome, Source
 from agent.phone import mask
@@ -46,6 +45,8 @@ ORIGINS = tuple(o.value for o in Origin)
 ORIGIN_COLOURS = {"ari": "#2563eb", "agi": "#16a34a", "ami": "#9333ea", "sns": "#ea580c", "admin": "#64748b"}
 OPTOUT_OUTCOMES = frozenset({Outcome.BLACKLISTED.value, Outcome.ALREADY_BLACKLISTED.value,
                              Outcome.NUMBER_UNKNOWN.value})
+MAX_DAY_SPAN = 1000
+"""Longest period drawn day by day, gaps included."""
 PERCENTILES = (50, 90, 99)
 LOG_RATIO = 20
 LOG_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
@@ -59,7 +60,10 @@ def instant(value: object) -> datetime | None:
         except ValueError:
             return None
     if isinstance(value, datetime):
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        except OverflowError:  # year 1 or 9999 with an offset: no moment a report can place
+            return None
     return None
 
 
@@ -122,8 +126,9 @@ class Latencies:
         p50, p99 = self.percentile(50) or 0.0, self.percentile(99) or 0.0
         smallest, largest = min(self.sample), max(self.sample)
         log = p50 > 0 and largest > LOG_RATIO * p50
-        if log:
-            series = [m * 10.0**k for k in range(-1, 8) for m in LOG_STEPS]
+        if log:  # the series reaches past the largest value, however far (an opt-out months old)
+            top = math.ceil(math.log10(max(largest, 1.0))) + 1
+            series = [m * 10.0**k for k in range(-1, top + 1) for m in LOG_STEPS]
             first = min(smallest, 0.0) if smallest < 1 else max(e for e in series if e <= smallest)
             inner = [e for e in series if max(first, 0.5) < e <= largest]
             edges = [first, *inner, next(e for e in series if e > largest)]
@@ -201,11 +206,14 @@ class ReportData:
         return sum(self.removed_by_day.values())
 
     def days(self) -> list[date]:
-        """Every day from the first to the last with anything counted (gaps included, as zero)."""
-        seen = [*self.optouts, *self.imported, *self.prevented_by_day, *self.removed_by_day]
+        """Every day from the first to the last with anything counted (gaps included, as zero); over
+        MAX_DAY_SPAN days (an outlier years away), only the days with something counted."""
+        seen = {*self.optouts, *self.imported, *self.prevented_by_day, *self.removed_by_day}
         if not seen:
             return []
         first, last = min(seen), max(seen)
+        if (last - first).days >= MAX_DAY_SPAN:
+            return sorted(seen)
         return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
     def add(self, row: dict[str, Any]) -> None:
@@ -435,17 +443,6 @@ def _listing(actions: deque[Action], total: int, header: list[str], row: Callabl
 
 
 # --- CSV -------------------------------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
-    """A CSV cell; text that a spreadsheet would run as a formula is prefixed with `'` (numbers are not)."""
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if not isinstance(value, str):
-        return str(value)
-    return "'" + value if value[:1] in ("=", "@", "-", "\t", "\r") else value
-
-
 def write_csv(data: ReportData, directory: Path, *, chain: ChainReport | None = None,
               full_numbers: bool = False) -> list[Path]:
     """The report's tables as CSV files in `directory` (created if missing): per-day counts, latency
@@ -476,10 +473,7 @@ def write_csv(data: ReportData, directory: Path, *, chain: ChainReport | None = 
     written = []
     for name, (header, rows) in tables.items():
         path = directory / name
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows([_cell(v) for v in r] for r in rows)
+        path.write_bytes(csvsafe.rows_csv([header, *rows]))
         written.append(path)
     return written
 

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     agent_http_host: str = "127.0.0.1"
     agent_http_port: int = 8080
     agent_api_token: SecretStr | None = None
+    optout_dial_endpoint: str | None = None
+    """The endpoint `POST /calls` dials the checked number through, e.g. `PJSIP/{number}@trunk`."""
 
     # --- SNS ----------------------------------------------------------------------------------------
     optout_events_topic_arn: str | None = None

@@ -29,7 +29,7 @@ from agent import metrics
 from agent.cache import RedisCache
 from agent.constants import SNS_MESSAGE_TTL_SECONDS, Origin
 from agent.errors import CacheUnavailable, InvalidInput
-from agent.optout import HangupInfo, parse_event, record_from_event
+from agent.optout import ID_MAX, HangupInfo, clean_text, parse_event, record_from_event
 from agent.pipeline import HangUp, OptOutPipeline, Status
 from sns_bridge.errors import EventRejected
 from sns_bridge.hangup import WorkerHangup
@@ -116,8 +116,10 @@ class MessageIdDedupe:
 
 
 def published_by_agent(body: Mapping[str, Any]) -> bool:
-    """True for an event an opt-out agent published (see the module docstring): decided from the body."""
-    return isinstance(body.get("eventId"), str) and body.get("origin") in AGENT_ORIGINS
+    """True for an event an opt-out agent published (see the module docstring): decided from the body. Any
+    JSON value may stand in either field (a list, an object): only two strings can skip."""
+    origin = body.get("origin")
+    return isinstance(body.get("eventId"), str) and isinstance(origin, str) and origin in AGENT_ORIGINS
 
 
 class BridgeHandler:
@@ -142,8 +144,8 @@ class BridgeHandler:
             return Handled(Disposition.DUPLICATE)
         body = self._load(message)
         if published_by_agent(body):
-            log.info("skipping opt-out %s: published by an agent (origin %s)", body.get("eventId"), body.get("origin"))
-            return Handled(Disposition.SKIPPED, event_id=str(body.get("eventId")))
+            log.info("skipping opt-out %.128r: published by an agent (origin %s)", body["eventId"], body["origin"])
+            return Handled(Disposition.SKIPPED, event_id=clean_text(body["eventId"], ID_MAX))
         try:
             parsed = parse_event(body)
             record = record_from_event(parsed.event, origin=Origin.SNS, region=self._region)

@@ -19,6 +19,7 @@ import logging
 import httpx
 from aiohttp import web
 
+from agent import metrics
 from agent.errors import JournalError
 from agent.http import AppServer, answer
 from sns_bridge.errors import (
@@ -76,6 +77,18 @@ class BridgeHttp(AppServer):
         return answer(200, status="ok")
 
     async def _sns(self, request: web.Request) -> web.Response:
+        """One SNS delivery; never answers 500. What no rule above foresaw (a bug) is logged, counted and
+        answered 503, so SNS retries instead of dropping what may be an opt-out."""
+        try:
+            return await self._handle(request)
+        except web.HTTPException:
+            raise  # aiohttp's own answers (413 for a body over the limit)
+        except Exception:
+            metrics.ISOLATED.labels("bridge").inc()
+            log.exception("SNS message could not be handled; answering 503 so that SNS retries")
+            return answer(503, error="the message could not be handled now; retry")
+
+    async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()  # over client_max_size: aiohttp answers 413
         try:
             body = json.loads(raw)

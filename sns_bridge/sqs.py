@@ -1,13 +1,18 @@
 """The SQS poller: opt-outs from an SNS -> SQS subscription, in envelope or raw delivery.
 
 Long polling, ten messages at a time, handled concurrently, each on its own: one message that cannot be
-handled never stops the others or leaves the batch undeleted. A message is deleted once its opt-out is
-durable (stored, journaled or a duplicate) or was skipped as an agent's own event. A message that is not a
-valid opt-out is logged at ERROR and left for the queue's redrive policy, which moves it to the dead-letter
-queue after maxReceiveCount receives; after POISON_RECEIVES receives it is deleted (ERROR log), so a queue
-without a redrive policy does not loop on it forever. A message whose handling failed in any other way may
-be a valid opt-out: it is never deleted, only left for a retry and the redrive policy. While a batch is
-being worked on, its visibility is extended.
+handled, with any exception, never stops the others or leaves the batch undeleted. A message is deleted
+once its opt-out is durable (stored, journaled or a duplicate) or was skipped as an agent's own event.
+While a batch is being worked on, its visibility is extended.
+
+A message that fails is retried alone (it comes back after its visibility timeout) and set aside after
+POISON_RECEIVES receives, logged once at ERROR and counted:
+- where the queue has a redrive policy (a dead-letter queue), it is left to SQS, which moves it there after
+  maxReceiveCount receives;
+- without one, a message that is not a valid opt-out (any wrong value or JSON type: the 400 of the HTTP
+  endpoint) is deleted; one whose handling failed in another way may be a valid opt-out, so it is parked
+  in the queue instead: made invisible for what is left of PARK_SECONDS (SQS's maximum, 12 hours from
+  its first receive), then retried alone.
 
 Trust: SQS envelopes are not signature-checked. Only principals the queue's IAM policy admits (the
 topic, through `aws:SourceArn`) can send to it, so that policy is the trust boundary; a SigningCertURL
@@ -22,8 +27,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -39,8 +46,21 @@ log = logging.getLogger("sns_bridge.sqs")
 
 _AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
 POISON_RECEIVES = 5
-"""Receives after which a message that cannot be applied is deleted (without a dead-letter queue it would
-otherwise come back forever)."""
+"""Receives after which a message that keeps failing is set aside (module docstring)."""
+PARK_SECONDS = 12 * 3600
+"""How long a message is parked in the queue: SQS's longest visibility timeout, counted from the message's
+first receive (so what is left of it)."""
+REDRIVE_CHECK_SECONDS = 300.0
+"""How often the queue's redrive policy is read again (it can be set while the bridge runs)."""
+
+
+class _Outcome(Enum):
+    DELETE = "delete"
+    """Handled (durable, a duplicate, or skipped), or not an opt-out and set aside without a dead-letter queue."""
+    RETRY = "retry"
+    """Left for SQS to deliver again (after its visibility timeout), or for the redrive policy."""
+    PARK = "park"
+    """Failed too often and may be an opt-out: made invisible for PARK_SECONDS."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,8 @@ class SqsPoller:
         self._wait = wait_seconds
         self._visibility = visibility_timeout
         self._batch = min(10, max(1, batch_size))
+        self._redrive: tuple[bool, float] | None = None
+        """(the queue has a dead-letter queue, when that was read)."""
 
     async def run(self) -> None:
         """Receive and handle batches until cancelled, with backoff while SQS is unreachable."""
@@ -111,7 +133,7 @@ class SqsPoller:
             WaitTimeSeconds=self._wait if wait_seconds is None else wait_seconds,
             VisibilityTimeout=self._visibility,
             MessageAttributeNames=["All"],
-            AttributeNames=["ApproximateReceiveCount"],
+            AttributeNames=["ApproximateReceiveCount", "ApproximateFirstReceiveTimestamp"],
         )
         messages: list[dict[str, Any]] = response.get("Messages", [])
         if not messages:
@@ -124,17 +146,20 @@ class SqsPoller:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        done = [m for m, ok in zip(messages, outcomes, strict=True) if ok]
+        done = [m for m, outcome in zip(messages, outcomes, strict=True) if outcome is _Outcome.DELETE]
+        parked = [m for m, outcome in zip(messages, outcomes, strict=True) if outcome is _Outcome.PARK]
         if done:
             await self._delete(done)
+        if parked:
+            await self._park(parked)
         return len(done)
 
-    async def _handle(self, sqs_message: Mapping[str, Any], pending: set[str]) -> bool:
-        """Handle one message; True when it may be deleted. Never raises."""
+    async def _handle(self, sqs_message: Mapping[str, Any], pending: set[str]) -> _Outcome:
+        """Handle one message: what to do with it. Never raises."""
         message_id = sqs_message.get("MessageId")
         try:
             receives = int(sqs_message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError):
             receives = 1
         try:
             note = unwrap(str(sqs_message.get("Body", "")), sqs_message.get("MessageAttributes"))
@@ -146,27 +171,60 @@ class SqsPoller:
                 message_id=note.message_id, message=note.message, attributes=note.attributes
             )
             log.debug("SQS message %s: %s", message_id, handled.disposition.value)
-            return True
+            return _Outcome.DELETE
         except JournalError as exc:
             log.error("SQS message %s not made durable; SQS redelivers it: %s", message_id, exc)
-            return False
+            return _Outcome.RETRY
         except EventRejected as exc:
-            return self._poison(message_id, receives, f"not a valid opt-out: {exc}")
-        except Exception:
-            log.exception("SQS message %s could not be handled (receive %d); left for a retry and the redrive "
-                          "policy", message_id, receives)
-            return False
+            return await self._set_aside(message_id, receives, f"not a valid opt-out: {exc}", invalid=True)
+        except Exception as exc:  # isolated to this message
+            if receives == 1:
+                log.exception("SQS message %s could not be handled; retried alone", message_id)
+            return await self._set_aside(message_id, receives, f"{type(exc).__name__}: {exc}", invalid=False)
         finally:
             pending.discard(sqs_message["ReceiptHandle"])
 
-    @staticmethod
-    def _poison(message_id: object, receives: int, why: str) -> bool:
-        """A message that is not a valid opt-out (counted in optout_rejected_total where it was refused)."""
-        if receives >= POISON_RECEIVES:
+    async def _set_aside(self, message_id: object, receives: int, why: str, *, invalid: bool) -> _Outcome:
+        """A message that failed: retried until POISON_RECEIVES receives, then left to the dead-letter queue,
+        deleted (not an opt-out) or parked (may be one)."""
+        if receives < POISON_RECEIVES:
+            log.warning("SQS message %s (receive %d) failed, retried alone: %s", message_id, receives, why)
+            return _Outcome.RETRY
+        metrics.ISOLATED.labels("sqs").inc()
+        if await self.has_dead_letter_queue():
+            if receives == POISON_RECEIVES:
+                log.error("SQS message %s failed %d times, left for the dead-letter queue: %s", message_id,
+                          receives, why)
+            return _Outcome.RETRY
+        if invalid:
             log.error("SQS message %s deleted after %d receives: %s", message_id, receives, why)
-            return True
-        log.error("SQS message %s (receive %d) left for the redrive policy: %s", message_id, receives, why)
-        return False
+            return _Outcome.DELETE
+        log.error("SQS message %s failed %d times and may be an opt-out: parked in the queue for %d s (no "
+                  "dead-letter queue): %s", message_id, receives, PARK_SECONDS, why)
+        return _Outcome.PARK
+
+    async def has_dead_letter_queue(self) -> bool:
+        """Whether the queue has a redrive policy (read again every REDRIVE_CHECK_SECONDS; False when it
+        cannot be read)."""
+        now = asyncio.get_running_loop().time()
+        if self._redrive is None or now - self._redrive[1] > REDRIVE_CHECK_SECONDS:
+            try:
+                response = await self._client.get_queue_attributes(QueueUrl=self._queue_url,
+                                                                   AttributeNames=["RedrivePolicy"])
+                found = bool(response.get("Attributes", {}).get("RedrivePolicy"))
+            except _AWS_ERRORS as exc:
+                log.warning("reading the redrive policy of %s failed: %s", self._queue_url, exc)
+                found = False
+            self._redrive = (found, now)
+        return self._redrive[0]
+
+    async def _park(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": _park_for(m)}
+                   for i, m in enumerate(messages)]
+        try:
+            await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
+        except _AWS_ERRORS as exc:
+            log.warning("parking %d SQS messages failed (they come back sooner): %s", len(entries), exc)
 
     async def _keep_invisible(self, messages: Sequence[Mapping[str, Any]], pending: set[str]) -> None:
         """Every half visibility timeout, extend the visibility of the messages still being worked on."""
@@ -195,3 +253,12 @@ class SqsPoller:
             return
         for failed in response.get("Failed", []):
             log.warning("deleting SQS message %s failed: %s", failed.get("Id"), failed.get("Message"))
+
+
+def _park_for(message: Mapping[str, Any]) -> int:
+    """Seconds a parked message stays invisible: SQS refuses a total past PARK_SECONDS from its first receive."""
+    try:
+        first = int(message.get("Attributes", {}).get("ApproximateFirstReceiveTimestamp")) / 1000
+    except (TypeError, ValueError, AttributeError):
+        first = time.time()
+    return max(60, min(PARK_SECONDS - 60, int(PARK_SECONDS - (time.time() - first)) - 60))

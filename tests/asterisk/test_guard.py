@@ -24,6 +24,8 @@ pytestmark = pytest.mark.asterisk
 
 TOKEN = "guard-token-long-enough"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DIAL = "Local/{digits}@optout-test-dial"
+"""OPTOUT_DIAL_ENDPOINT in the sandbox (dialplan/optout-test.conf: any number reaches the test caller)."""
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ async def api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCache, o
         return await ari_agent.originate(*args, **kwargs)
 
     async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=dict, hang_up_call=ari_agent.hang_up_call,
-                         originate=originate, guard=guard, api_token=TOKEN):
+                         originate=originate, guard=guard, api_token=TOKEN, dial_endpoint=DIAL):
         yield f"http://127.0.0.1:{unused_tcp_port}"
     await guard.drain(within=2.0)
 
@@ -63,8 +65,7 @@ async def test_a_blacklisted_number_gets_409_and_no_channel_and_an_audit_row(
     before, count = await channels(ari_env), prevented("ari")
     async with httpx.AsyncClient() as client:
         answer = await client.post(f"{api}/calls", headers=AUTH, json={
-            "number": "050-123-4567", "endpoint": "Local/s@optout-test-caller", "callId": "guard-1",
-            "campaignId": "camp-g"})
+            "number": "050-123-4567", "callId": "guard-1", "campaignId": "camp-g"})
     assert answer.status_code == 409 and answer.json()["error"] == "blacklisted"
     assert originated == [], "no call may be originated for a blacklisted number"
     assert await channels(ari_env) == before
@@ -82,10 +83,11 @@ async def test_a_clear_number_is_originated_with_its_ids_and_number(
 ) -> None:
     async with httpx.AsyncClient() as client:
         answer = await client.post(f"{api}/calls", headers=AUTH, json={
-            "number": "0521234567", "endpoint": "Local/s@optout-test-caller", "campaignId": "camp-g",
-            "contactId": "c-9", "variables": {"HOLD": "2", "PRESS": ""}})
+            "number": "0521234567", "campaignId": "camp-g", "contactId": "c-9",
+            "variables": {"HOLD": "2", "PRESS": ""}})
         assert answer.status_code == 201, answer.text
         assert len(originated) == 1
+        assert originated[0][0][0] == "Local/972521234567@optout-test-dial", "the endpoint of the checked number"
         body = answer.json()
         assert body["callId"] and body["channelId"]
         variable = await client.get(f"{ari_env.url}/ari/channels/{body['channelId']}/variable",
@@ -97,7 +99,7 @@ async def test_a_clear_number_is_originated_with_its_ids_and_number(
 
 @pytest.mark.parametrize(("body", "field"), [
     ({"number": "12", "endpoint": "Local/s@x"}, "field number:"),
-    ({"number": "0521234567"}, "field endpoint:"),
+    ({"number": "0521234567", "endpoint": "Local/s@optout-test-caller"}, "field endpoint:"),
     ({"number": "0521234567", "endpoint": "not an endpoint"}, "field endpoint:"),
     ({"number": "0521234567", "endpoint": "Local/s@x", "variables": {"OPTOUT_NUMBER": "+1"}}, "field variables:"),
     ({"number": "0521234567", "endpoint": "Local/s@x", "campaignId": "x\u0000"}, "field campaignId:"),
@@ -116,9 +118,9 @@ async def test_no_answer_from_the_blacklist_gets_503_and_no_call(
         guard = DialGuard(checker=BlacklistChecker(store=dead, cache=None, journal=None, region="IL"), store=dead)
         before = await channels(ari_env)
         async with AgentHttp(host="127.0.0.1", port=unused_tcp_port, readiness=dict, originate=ari_agent.originate,
-                             guard=guard, api_token=TOKEN), httpx.AsyncClient() as client:
+                             guard=guard, api_token=TOKEN, dial_endpoint=DIAL), httpx.AsyncClient() as client:
             answer = await client.post(f"http://127.0.0.1:{unused_tcp_port}/calls", headers=AUTH,
-                                       json={"number": "0521234567", "endpoint": "Local/s@optout-test-caller"})
+                                       json={"number": "0521234567"})
     assert answer.status_code == 503
     assert await channels(ari_env) == before
 
