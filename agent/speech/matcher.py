@@ -6,8 +6,10 @@ Three kinds of evidence, the strongest wins (each scored 0..1, compared with one
   in the transcript, with a word missing, extra or wrong (a semi-global alignment, costed per word);
 - intent: a few patterns that say "stop calling" / "remove me" / "do not call" in words no phrase list
   holds ("I don't want any more calls from you"), refused when negated ("don't stop calling");
-- decoder: a configured phrase the recogniser itself scored about as likely as its transcript
-  (agent/speech/model.py), mapped to 0..1 by `decoder_margin`.
+- decoder: a configured phrase the recogniser itself found likely given the audio (its mean log-probability
+  per token, agent/speech/model.py), whatever the transcript says: at `decoder_floor` it scores the default
+  threshold (0.8), at 0 it scores 1. On the tuning split no negative utterance scored above -2.5.
+An utterance that negates ("don't stop calling", "do not remove me") scores at most 0.5 whatever else.
 """
 
 from __future__ import annotations
@@ -18,18 +20,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 DEFAULT_PHRASES = (
-    "stop calling me",
-    "take me off your list",
-    "remove me from your list",
-    "do not call me again",
-    "put me on your do not call list",
-    "i want to opt out",
-    "unsubscribe",
-    "stop calling this number",
-    "remove my number",
-    "never call me again",
-    "take my number off your list",
-    "please stop calling",
+    "stop calling me", "please stop calling me", "take me off your list", "remove me from your list",
+    "do not call me again", "don't call me again", "put me on your do not call list", "I want to opt out",
+    "unsubscribe me", "stop calling this number", "remove my number", "never call me again",
+    "take my number off your list", "please remove me from your calling list", "quit calling me",
+    "add me to your do not call list",
 )
 """The tuning set's phrasings (the benchmark reports on phrasings held apart from these)."""
 
@@ -118,7 +113,7 @@ _INTENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(rx))
     ("intent:stop-calling", _NEG + r"\b(stop|quit|cease|end)\b (\w+ ){0,2}(calling|call|ringing|phoning|contacting|"
                                    r"bothering|harassing|texting)\b(?! (me )?(at|on|in|after|before|later|"
                                    r"tomorrow|back|when|if))"),
-    ("intent:do-not-call", r"\b(do not|never|not) (ever )?(call|contact|phone|ring|dial) (me|us|this number|"
+    ("intent:do-not-call", r"\b(do not|never) (ever )?(call|contact|phone|ring|dial) (me|us|this number|"
                            r"here|my number)\b(?! (at|on|before|after|until|till|back|if|unless) )"),
     ("intent:remove", r"\b(remove|take|delete|erase|scratch|drop|cross|get)\b (\w+ ){0,3}"
                       r"(me|my number|us|this number|my name|my info\w*)\b (\w+ ){0,1}(off|from|out of)\b (\w+ ){0,4}"
@@ -147,11 +142,12 @@ class Matcher:
     """Phrases and threshold are configuration (SPEECH_PHRASES, SPEECH_THRESHOLD)."""
 
     def __init__(self, *, phrases: Sequence[str] = DEFAULT_PHRASES, threshold: float = 0.8,
-                 decoder_margin: float = 1.0, intents: bool = True) -> None:
-        self.phrases = tuple(" ".join(normalise(p)) for p in phrases if normalise(p))
-        self._phrase_words = [p.split() for p in self.phrases]
+                 decoder_floor: float = -1.2, intents: bool = True) -> None:
+        self.phrases = tuple(p.strip().lower() for p in phrases if normalise(p))
+        """As spoken (what the recogniser scores); the text comparison normalises them."""
+        self._phrase_words = [normalise(p) for p in self.phrases]
         self.threshold = threshold
-        self._margin = decoder_margin
+        self._floor = decoder_floor
         self._intents = intents
 
     def score(self, text: str, phrase_scores: Sequence[float] = ()) -> Match:
@@ -163,15 +159,18 @@ class Matcher:
             sim = phrase_similarity(pw, words)
             if sim > best.score:
                 best = Match(round(sim, 3), phrase, "phrase")
-        if self._intents and joined and not _NEGATED.search(joined):
+        if self._intents and joined:
             for name, pattern in _INTENTS:
                 if pattern.search(joined):
-                    return Match(1.0, name, "intent")
-        if self._margin > 0:
-            for phrase, margin in zip(self.phrases, phrase_scores, strict=False):
-                mapped = max(0.0, 1.0 + margin / self._margin) if margin < 0 else 1.0
+                    best = Match(1.0, name, "intent")
+                    break
+        if self._floor < 0 and best.score < 1.0:
+            for phrase, logprob in zip(self.phrases, phrase_scores, strict=False):
+                mapped = min(1.0, max(0.0, 0.8 + 0.2 * (logprob - self._floor) / -self._floor))
                 if mapped > best.score:
                     best = Match(round(mapped, 3), phrase, "decoder")
+        if best.score > 0.5 and _NEGATED.search(joined):
+            best = Match(0.5, best.phrase, f"{best.how}, negated")
         return best
 
     def is_optout(self, match: Match) -> bool:

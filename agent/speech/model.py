@@ -10,9 +10,12 @@ Every file's SHA-256 is checked at load against PINNED; a mismatch names the fil
 What the decoder does beyond the greedy recipe, and why (measured on telephone audio, see the README):
 - the end token is never taken as the first token: on quiet or noisy clips the greedy decoder often ends
   at once and the transcript is empty;
-- besides the transcript, each configured phrase is scored inside the decoder: the mean log-likelihood of
-  its tokens given the audio (teacher-forced, one batched pass), minus the transcript's own. A phrase the
-  audio supports about as well as the best guess scores near 0 even when the transcript has a wrong word.
+- besides the transcript, each configured phrase is scored inside the decoder: the mean log-likelihood per
+  token of the phrase (its end token included) given the audio, teacher-forced. A phrase the audio
+  supports scores near 0 even when the greedy transcript has a wrong word; other speech scores below -2.5.
+- the phrases are scored in the same decoder run as the first greedy step (one batch: row 0 starts the
+  transcript, one row per phrase). This ONNX Runtime build spends most of a decoder run in fixed costs
+  (its weights are converted on every run), so a batched run costs about what a single step does.
 """
 
 from __future__ import annotations
@@ -96,8 +99,7 @@ class Hypothesis:
     logprob: float
     """Mean log-probability per token of `text` (its end token included)."""
     phrase_scores: tuple[float, ...]
-    """Per configured phrase: its mean log-probability per token minus `logprob` (0 = as likely as the
-    transcript; below -1 = much less likely)."""
+    """Per configured phrase: its mean log-probability per token given the audio (0 = certain)."""
     cpu_seconds: float
     audio_seconds: float
 
@@ -135,16 +137,11 @@ class Recogniser:
         self._phrases = tuple(phrases)
         self._phrase_ids = [self._tokenizer.encode(p.capitalize() + ".", add_special_tokens=False).ids for p in phrases]
 
-    def _empty_past(self, batch: int, enc: int) -> dict[str, npt.NDArray[np.float32]]:
-        past = {}
-        for layer in range(_LAYERS):
-            for part in ("decoder", "encoder"):
-                length = 0
-                for kv in ("key", "value"):
-                    past[f"past_key_values.{layer}.{part}.{kv}"] = np.zeros(
-                        (batch, _HEADS, length, _HEAD_DIM), dtype=np.float32)
-        del enc
-        return past
+    @staticmethod
+    def _empty_past(batch: int) -> dict[str, npt.NDArray[np.float32]]:
+        """Empty key/value caches, in the order the decoder returns them (present.{layer}.{part}.{kv})."""
+        return {f"past_key_values.{layer}.{part}.{kv}": np.zeros((batch, _HEADS, 0, _HEAD_DIM), dtype=np.float32)
+                for layer in range(_LAYERS) for part in ("decoder", "encoder") for kv in ("key", "value")}
 
     def recognise(self, audio: npt.NDArray[np.float32]) -> Hypothesis:
         """Transcribe 16 kHz mono float audio in [-1, 1] and score the configured phrases against it."""
@@ -153,50 +150,49 @@ class Recogniser:
         if len(audio) < SAMPLE_RATE // 4:  # the encoder needs a minimum length; pad short cuts with silence
             audio = np.pad(audio, (0, SAMPLE_RATE // 4 - len(audio)))
         hidden = self._encoder.run(None, {"input_values": audio[np.newaxis, :].astype(np.float32)})[0]
-        tokens, logprob = self._greedy(hidden, max_len=max(4, int(seconds * _TOKENS_PER_SECOND) + 2))
+        tokens, logprob, scores = self._decode(hidden, max_len=max(4, int(seconds * _TOKENS_PER_SECOND) + 2))
         text = self._tokenizer.decode(tokens).strip()
-        scores = self._score_phrases(hidden, logprob)
         return Hypothesis(text=text, logprob=logprob, phrase_scores=scores,
                           cpu_seconds=time.process_time() - started, audio_seconds=seconds)
 
-    def _greedy(self, hidden: npt.NDArray[np.float32], *, max_len: int) -> tuple[list[int], float]:
-        past: dict[str, Any] = self._empty_past(1, hidden.shape[1])
-        ids = np.array([[_BOS]], dtype=np.int64)
+    def _decode(self, hidden: npt.NDArray[np.float32], *, max_len: int
+                ) -> tuple[list[int], float, tuple[float, ...]]:
+        """Greedy transcript (tokens, mean log-probability per token) and the phrases' scores."""
+        phrases = self._phrase_ids
+        width = max((len(p) for p in phrases), default=0) + 1
+        ids = np.full((1 + len(phrases), width), _EOS, dtype=np.int64)
+        ids[:, 0] = _BOS
+        for row, phrase in enumerate(phrases, 1):
+            ids[row, 1:len(phrase) + 1] = phrase
+        batch = ids.shape[0]
+        outputs = self._decoder.run(None, {
+            "input_ids": ids, "encoder_hidden_states": np.repeat(hidden, batch, axis=0) if batch > 1 else hidden,
+            "use_cache_branch": np.array([False]), **self._empty_past(batch)})
+        logp_all = _log_softmax(outputs[0])
+        scores = []
+        for row, phrase in enumerate(phrases, 1):
+            targets = [*phrase, _EOS]
+            scores.append(float(np.mean([logp_all[row, pos, tok] for pos, tok in enumerate(targets)])))
+        past: dict[str, Any] = {}
+        for name, value in zip(self._empty_past(1), outputs[1:], strict=True):
+            past[name] = value[:1, :, :1, :] if ".decoder." in name else value[:1]
+        logp = logp_all[0, 0].copy()
+        logp[_EOS] = -np.inf  # never an empty transcript (see the module docstring)
         tokens: list[int] = []
         total = 0.0
         for step in range(max_len):
-            outputs = self._decoder.run(None, {"input_ids": ids, "encoder_hidden_states": hidden,
-                                               "use_cache_branch": np.array([step > 0]), **past})
-            logp = _log_softmax(outputs[0][0, -1])
-            if step == 0:
-                logp[_EOS] = -np.inf  # never an empty transcript (see the module docstring)
             token = int(logp.argmax())
             total += float(logp[token])
             if token == _EOS:
                 break
             tokens.append(token)
-            for name, value in zip(past, outputs[1:], strict=True):
-                if step == 0 or ".decoder." in name:
+            if step + 1 == max_len:
+                break
+            outputs = self._decoder.run(None, {"input_ids": np.array([[token]], dtype=np.int64),
+                                               "encoder_hidden_states": hidden,
+                                               "use_cache_branch": np.array([True]), **past})
+            for name, value in zip(list(past), outputs[1:], strict=True):
+                if ".decoder." in name:
                     past[name] = value
-            ids = np.array([[token]], dtype=np.int64)
-        return tokens, total / (len(tokens) + 1)
-
-    def _score_phrases(self, hidden: npt.NDArray[np.float32], best: float) -> tuple[float, ...]:
-        if not self._phrase_ids:
-            return ()
-        batch = len(self._phrase_ids)
-        width = max(len(p) for p in self._phrase_ids) + 2
-        ids = np.full((batch, width), _EOS, dtype=np.int64)
-        for row, phrase in enumerate(self._phrase_ids):
-            ids[row, 0] = _BOS
-            ids[row, 1:len(phrase) + 1] = phrase
-        outputs = self._decoder.run(None, {
-            "input_ids": ids[:, :-1], "encoder_hidden_states": np.repeat(hidden, batch, axis=0),
-            "use_cache_branch": np.array([False]), **self._empty_past(batch, hidden.shape[1])})
-        logp = _log_softmax(outputs[0])
-        scores = []
-        for row, phrase in enumerate(self._phrase_ids):
-            targets = [*phrase, _EOS]
-            picked = [float(logp[row, pos, tok]) for pos, tok in enumerate(targets)]
-            scores.append(sum(picked) / len(picked) - best)
-        return tuple(scores)
+            logp = _log_softmax(outputs[0][0, -1])
+        return tokens, total / (len(tokens) + 1), tuple(scores)

@@ -45,7 +45,7 @@ class Segmenter:
     aggressiveness: int = 2
     start_window: int = 10
     start_frames: int = 6
-    end_frames: int = 15
+    end_frames: int = 12
     max_frames: int = 400
     min_speech_frames: int = 12
     pre_frames: int = 10
