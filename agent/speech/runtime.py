@@ -16,7 +16,7 @@ from agent.store import Store
 
 log = logging.getLogger("agent.speech")
 
-REQUIRED_MODULES = ("numpy", "onnxruntime", "tokenizers", "webrtcvad")
+REQUIRED_MODULES = ("numpy", "onnxruntime", "onnx", "tokenizers", "webrtcvad")
 
 
 def wanted(settings: Settings) -> bool:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,10 @@ class FarEnd:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for channel_id, ended in self.ended.items():  # a failed test must not leave its call up
+            if not ended.is_set():
+                with contextlib.suppress(aiohttp.ClientError):
+                    await self.hang_up(channel_id)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,10 +140,14 @@ def clips_in_sandbox() -> None:
         shutil.copyfile(clip, target / clip.name)
 
 
-@pytest.fixture
-async def pool() -> AsyncIterator[RecogniserPool]:
-    async with RecogniserPool(workers=1, phrases=Matcher().phrases) as opened:
-        yield opened
+@pytest.fixture(scope="module")
+def pool() -> Iterator[RecogniserPool]:
+    """One recogniser worker for the module (loading the model takes seconds); its process pool is not
+    tied to an event loop, so each test's loop uses it."""
+    opened = RecogniserPool(workers=1, phrases=Matcher().phrases)
+    asyncio.run(opened.open())
+    yield opened
+    asyncio.run(opened.close())
 
 
 @contextlib.asynccontextmanager
@@ -227,9 +235,10 @@ async def test_a_restarted_agent_sweeps_what_a_previous_run_left(
         await listener._request("POST", "/channels/externalMedia", app=ari_env.app, format="ulaw",
                                 channelId=f"{SPEECH_ID_PREFIX}em-gone.1", external_host="127.0.0.1:9")
         await listener._request("POST", "/bridges", type="mixing", bridgeId=f"{SPEECH_ID_PREFIX}br-gone.1")
-        assert len(await far.speech_resources()) == 2
-        assert await listener.sweep() == 2
-        assert await far.speech_resources() == []
+        left = {f"{SPEECH_ID_PREFIX}em-gone.1", f"{SPEECH_ID_PREFIX}br-gone.1"}
+        assert left <= set(await far.speech_resources())
+        assert await listener.sweep() >= 2
+        assert not left & set(await far.speech_resources())
 
 
 async def _async(value: Any) -> Any:
