@@ -86,6 +86,8 @@ def word_distance(a: str, b: str) -> float:
     return min(1.0, 0.3 + 0.7 * min(spelled, sounded))
 
 
+_KEY = frozenset({"not", "never", "no", "stop", "off", "remove", "quit", "unsubscribe", "opt", "out"})
+"""Words that carry the intent: a phrase found without one ("do call me again") is another sentence."""
 _FILLER = frozenset({"please", "uh", "um", "oh", "just", "and", "so", "ok", "okay", "well", "the", "a", "now"})
 
 
@@ -98,10 +100,11 @@ def phrase_similarity(phrase: Sequence[str], words: Sequence[str]) -> float:
     prev = [0.0] * (m + 1)  # free start anywhere in the transcript
     for i in range(1, n + 1):
         cur = [inf] * (m + 1)
-        cur[0] = prev[0] + 1.0
+        missing = 2.0 if phrase[i - 1] in _KEY else 1.0
+        cur[0] = prev[0] + missing
         for j in range(1, m + 1):
             extra = 0.3 if words[j - 1] in _FILLER else 0.7
-            cur[j] = min(prev[j] + 1.0,  # a phrase word missing
+            cur[j] = min(prev[j] + missing,  # a phrase word missing
                          cur[j - 1] + extra,  # an extra word inside the phrase
                          prev[j - 1] + word_distance(phrase[i - 1], words[j - 1]))
         prev = cur
@@ -109,21 +112,28 @@ def phrase_similarity(phrase: Sequence[str], words: Sequence[str]) -> float:
 
 
 _NEG = r"(?<!not )(?<!never )(?<!no )"
+_CALLS = r"(calling|call|calls|ringing|phoning|contacting|bothering|harassing|texting|messaging|phone calls)"
+_ME = r"(me|us|this number|this phone|the number|my number|my phone|my cell|here|this line)"
+_LIST = r"(list|lists|database|system|records|registry|directory|file|files|contacts|books)"
 _INTENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(rx)) for name, rx in (
-    ("intent:stop-calling", _NEG + r"\b(stop|quit|cease|end)\b (\w+ ){0,2}(calling|call|ringing|phoning|contacting|"
-                                   r"bothering|harassing|texting)\b(?! (me )?(at|on|in|after|before|later|"
-                                   r"tomorrow|back|when|if))"),
-    ("intent:do-not-call", r"\b(do not|never) (ever )?(call|contact|phone|ring|dial) (me|us|this number|"
-                           r"here|my number)\b(?! (at|on|before|after|until|till|back|if|unless) )"),
-    ("intent:remove", r"\b(remove|take|delete|erase|scratch|drop|cross|get)\b (\w+ ){0,3}"
-                      r"(me|my number|us|this number|my name|my info\w*)\b (\w+ ){0,1}(off|from|out of)\b (\w+ ){0,4}"
-                      r"(list|lists|database|system|records|registry|directory|file|contacts)\b"),
+    ("intent:stop-calling", _NEG + r"\b(stop|quit|cease|end)\b (\w+ ){0,2}" + _CALLS + r"\b"
+                                   r"(?! (me )?(at|on|in|after|before|later|tomorrow|back|when|if))"),
+    ("intent:do-not-call", r"\b(do not|never) (ever )?(call|contact|phone|ring|dial|text) " + _ME +
+                           r"\b(?! (at|on|before|after|until|till|back|if|unless) )"),
+    ("intent:remove", r"\b(remove|removing|take|taking|delete|erase|scratch|drop|cross|get|strike)\b (\w+ ){0,3}"
+                      r"(me|my|us|this|our)\b (\w+ ){0,3}(off|from|out of)\b (\w+ ){0,4}" + _LIST + r"\b"),
+    ("intent:removed", r"\b(my|this) (phone )?(number|name|info\w*|details) (\w+ ){0,1}(removed|deleted|erased|"
+                       r"taken off)\b"),
+    ("intent:lose-number", r"\b(lose|forget|delete|erase|remove) (my|this) (phone )?number\b"),
+    ("intent:consent", r"\b(revoke|revoking|withdraw|withdrawing|cancel|take back|remove|removed) (my|our|all) "
+                       r"(consent|permission)\b"),
     ("intent:do-not-call-list", r"\b(do not call|no call|dnc) (list|registry)\b"),
-    ("intent:opt-out", r"\b(opt (me )?out|unsubscribe|unsubscribed)\b"),
+    ("intent:opt-out", r"\b(opt (me |us |this number )?out|unsubscribe|unsubscribed)\b"),
     ("intent:no-more-calls", r"\b(no more|not want (any )?more|not want (your|these|any|the) ?)\b (\w+ ){0,2}"
                              r"(calls|calling|phone calls)\b"),
+    ("intent:not-want-calls", r"\b(do not|never) want (\w+ ){0,3}(calls|to be called|you to call|to be contacted)\b"),
 ))
-_NEGATED = re.compile(r"\b(do not|never|not|no need to) (\w+ ){0,1}(stop|remove|take|unsubscribe|opt)\b")
+_NEGATED = re.compile(r"\b(do not|never|no need to) (ever |please )?(stop|remove|take me off|unsubscribe|opt out)\b")
 
 
 @dataclass(frozen=True)

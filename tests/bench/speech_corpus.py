@@ -94,6 +94,48 @@ HELD_PLAIN = [
     "nobody by that name lives here",
     "I don't understand", "please speak slowly", "I can't talk long", "that's fine with me", "let's do it",
 ]
+TEST_OPTOUT = [
+    "quit phoning this number", "please take my name off your call list", "I do not want you to call me anymore",
+    "remove me from your database", "stop calling my phone", "you need to stop calling me",
+    "do not call this number again", "I want you to stop calling", "please put me on your no call list",
+    "take this number off your list", "I'm not interested, stop calling me", "never call this number again",
+    "please quit calling", "stop contacting this number", "I don't want to be called again",
+    "delete me from your list", "I want off your calling list", "can you stop calling me please",
+    "please do not call again", "no more phone calls", "remove my phone number", "unsubscribe this number",
+    "don't ever contact me again", "I want to be taken off your list",
+]
+TEST_HARD = [
+    "call me after lunch", "stop the music please", "take me off hold", "put me on the list for the party",
+    "don't call the police", "remove my jacket from the car", "I never got your last call",
+    "I'm not taking calls after nine", "stop by anytime", "please call my number tomorrow",
+    "you can put me down for two", "take the list with you", "can you call me on my other number",
+    "I want you to call me back", "don't stop the payments", "my name is on the list already",
+    "please keep calling", "no more questions, thank you", "delete the old photos", "I'm calling about my bill",
+    "the contact form is broken", "never forget to call", "remove the battery and try again",
+    "put my number on file", "I can't stop laughing", "can you take the call", "stop, let me get a pen",
+    "quit your job", "do not forget to write", "I'll be off the phone soon", "take care, call again",
+    "call me when you can", "I don't want to miss your call", "put it on my account", "off the record, I like it",
+]
+TEST_PLAIN = [
+    "hi there", "speaking", "who am I talking to", "I'm at work", "what's this regarding", "okay", "pardon",
+    "say that again", "what's the catch", "how long is the contract", "I'll have to ask my wife", "not right now",
+    "is this a sales call", "where did you get my details", "my son uses this phone", "I'm on the train",
+    "the signal is weak", "can you call me back in an hour", "I'm about to board a plane", "is this urgent",
+    "I'm watching the game", "yes, go ahead", "that's interesting", "what's your company called",
+    "I have a few minutes", "how did you find me", "I'm not the account holder", "do you have a website",
+    "I prefer email", "sorry, I'm eating", "I'll pass", "maybe later", "I'm already a customer",
+    "my bill is too high", "what's the interest rate", "tell me about the warranty", "when does it start",
+    "can I think it over", "I need to talk to my lawyer", "is there a contract", "the dog needs a walk",
+    "I'm in the shower", "the baby is crying", "I didn't order anything", "who gave you this number",
+    "which department is this", "I'll check my mail", "it's raining here", "hello, hello", "are you still there",
+    "I can barely hear you", "this is a bad connection", "I just sat down", "good afternoon", "thank you, bye",
+    "I'm in the car", "fine, thanks", "what was that", "one second", "sure", "I see", "right", "uh huh",
+    "really", "how interesting", "where are you located", "what's the price", "I'm on vacation", "no idea",
+    "send it by post",
+]
+TEST_VOICES = ["flite:kal16", "espeak:en-gb-x-rp+m2", "espeak:en-us+f5", "espeak:en-029+m4",
+               "espeak:en-gb-scotland+f3", "espeak:en-us-nyc+f1", "espeak:en-us+david", "espeak:en-gb+linda",
+               "espeak:en-us+max", "espeak:en-gb-x-gbcwmd+edward"]
 TUNE_VOICES = ["flite:slt", "flite:kal", "espeak:en-us+m3", "espeak:en-gb+f2"]
 HELD_VOICES = ["flite:awb", "flite:rms", "espeak:en-gb-scotland+m1", "espeak:en-029+f4", "espeak:en-us-nyc+m7",
                "espeak:en-gb-x-rp+f1", "espeak:en-us+klatt3", "espeak:en-gb-x-gbclan+m5", "espeak:en-us+Alicia",
@@ -130,7 +172,8 @@ def plan() -> list[Clip]:
         clips.append(Clip(f"{split}-{label}-{key}", text, label, hard, voice, cond, split))
 
     for split, voices, optouts, hard, plain in (("tune", TUNE_VOICES, TUNE_OPTOUT, TUNE_HARD, TUNE_PLAIN),
-                                                ("held", HELD_VOICES, HELD_OPTOUT, HELD_HARD, HELD_PLAIN)):
+                                                ("held", HELD_VOICES, HELD_OPTOUT, HELD_HARD, HELD_PLAIN),
+                                                ("test", TEST_VOICES, TEST_OPTOUT, TEST_HARD, TEST_PLAIN)):
         for i, text in enumerate(optouts):
             for j, voice in enumerate(voices):
                 for k in range(3):  # each (phrase, voice) in 3 of the 5 conditions, rotating
@@ -285,7 +328,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--split", choices=["tune", "held", "all"], default="all")
+    parser.add_argument("--split", choices=["tune", "held", "test", "all"], default="all")
     args = parser.parse_args()
     for tool in ("espeak-ng", "flite", "sox"):
         if shutil.which(tool) is None:
