@@ -146,7 +146,7 @@ async def run_agent(settings: Settings) -> int:
             if ari is not None:
                 named["ari-listener"] = ari.run
             if speech is not None:
-                named["speech-sweeper"] = speech.run
+                named["speech-listener"] = speech.run
             if ami is not None:
                 named["ami-listener"] = ami.run
             tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]

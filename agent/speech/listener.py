@@ -44,7 +44,9 @@ from agent.phone import mask
 from agent.speech.audio import FRAME_MS, FRAME_SAMPLES, PT_ULAW, parse_rtp, ulaw_decode
 from agent.speech.candidates import CandidateRecorder
 from agent.speech.clips import ClipKeeper
+from agent.speech.errors import SpeechUnavailable
 from agent.speech.matcher import Matcher
+from agent.speech.model import locate
 from agent.speech.pool import RecogniserPool
 from agent.speech.vad import Segmenter, Utterance
 from agent.telephony import ChannelFacts
@@ -158,7 +160,16 @@ class SpeechListener(Resource):
             await rest.close()
 
     async def run(self) -> None:
-        """Sweep leftovers now and every `sweep_interval` seconds, until cancelled."""
+        """Start the recogniser pool (unless it is up), then sweep leftovers now and every `sweep_interval`
+        seconds, until cancelled. The pool loads here, in a task of its own, so the agent's key-press ways in
+        are up while the model loads; calls that start before it is ready are not listened to."""
+        if not self._pool.ready:
+            try:
+                await asyncio.to_thread(locate)  # each file's SHA-256, named when it is not the pinned one
+                await self._pool.open()
+            except SpeechUnavailable as exc:
+                log.error("spoken opt-out is off: %s", exc)
+                return
         while True:
             try:
                 await self.sweep()
@@ -180,7 +191,7 @@ class SpeechListener(Resource):
         return channel_id.startswith(SPEECH_ID_PREFIX)
 
     def call_started(self, facts: ChannelFacts) -> None:
-        if facts.uniqueid in self._streams:
+        if facts.uniqueid in self._streams or not self._pool.ready:
             return
         stream = self._streams[facts.uniqueid] = Stream(facts, self._new_segmenter())
         metrics.SPEECH_STREAMS.set(len(self._streams))

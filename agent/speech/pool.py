@@ -64,6 +64,11 @@ class RecogniserPool(Resource):
         self._executor: ProcessPoolExecutor | None = None
 
     @property
+    def ready(self) -> bool:
+        """The workers are up (until then, and after `close`, every utterance would be shed)."""
+        return self._executor is not None
+
+    @property
     def pending(self) -> int:
         return self._pending
 

@@ -42,21 +42,22 @@ async def open_listener(
     settings: Settings, stack: AsyncExitStack, *, intake: Intake, ari: AriAgent, store: Store,
     publish: Callable[[dict[str, Any], str], Awaitable[bool]] | None,
 ) -> Any:
-    """The running listener (entered into `stack` with its pool), attached to `ari` as its watcher.
+    """The listener (entered into `stack`), attached to `ari` as its watcher; its `run()` loads the model in
+    worker processes, so nothing here waits for that.
 
-    Raises SpeechUnavailable (the extra missing, a model file that is not the pinned one)."""
+    Raises SpeechUnavailable when the extra is missing (a model file that is not the pinned one is found and
+    logged by `run()`)."""
     check_installed()
     from agent.speech.candidates import CandidateRecorder
     from agent.speech.clips import ClipKeeper
     from agent.speech.listener import SpeechListener
     from agent.speech.matcher import Matcher
-    from agent.speech.model import locate
     from agent.speech.pool import RecogniserPool
 
-    locate()  # checks every file's SHA-256 here, so a bad install is named before any worker starts
     listed = phrases(settings)
-    pool = await stack.enter_async_context(RecogniserPool(
-        workers=settings.speech_workers, phrases=listed, max_pending=settings.speech_max_pending or None))
+    pool = RecogniserPool(workers=settings.speech_workers, phrases=listed,
+                          max_pending=settings.speech_max_pending or None)
+    stack.push_async_callback(pool.close)
     assert settings.ari_password is not None
     listener = SpeechListener(
         url=settings.ari_url, username=settings.ari_username, password=settings.ari_password.get_secret_value(),
