@@ -12,12 +12,12 @@ SECRETS := .run/secrets.env
 TEST_ENV := .run/test.env
 WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 
-.PHONY: install run test lint typecheck unit services browser asterisk faults bench images clean
+.PHONY: install run test lint typecheck unit services browser asterisk faults bench bench-speech images clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,speech]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -69,6 +69,13 @@ bench: install services asterisk
 	$(PY) tests/bench/bench_import.py
 	$(PY) tests/bench/bench_export.py
 	$(PY) tests/bench/bench_sns.py
+
+# Spoken opt-out: the synthetic telephone corpus (espeak-ng, flite, sox) and the accuracy/capacity benchmark.
+bench-speech: install
+	@command -v espeak-ng >/dev/null && command -v flite >/dev/null && command -v sox >/dev/null \
+	  || apt-get install -y -q espeak-ng flite sox >/dev/null
+	nice -n 10 $(PY) tests/bench/speech_corpus.py
+	nice -n 10 $(PY) tests/bench/speech_bench.py --jobs 2
 
 # Container images (Podman): builds the Asterisk, agent and Lambda images and smoke-tests them together.
 images: install services

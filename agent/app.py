@@ -24,6 +24,8 @@ from agent.intake import Intake
 from agent.pipeline import Replayer
 from agent.publisher import SnsPublisher
 from agent.settings import Settings
+from agent.speech import runtime as speech_runtime
+from agent.speech.errors import SpeechUnavailable
 
 log = logging.getLogger("agent.app")
 
@@ -95,6 +97,17 @@ async def run_agent(settings: Settings) -> int:
         if ari is not None:
             await stack.enter_async_context(ari)
             ready["ari"] = lambda: ari.connected
+        speech = None
+        if speech_runtime.wanted(settings):
+            if ari is None:
+                log.error("spoken opt-out needs the ARI way in (ARI_ENABLED and ARI_PASSWORD): it is off")
+            else:
+                try:
+                    speech = await speech_runtime.open_listener(
+                        settings, stack, intake=intake, ari=ari, store=core.store,
+                        publish=publisher.publish_one if publisher.enabled else None)
+                except SpeechUnavailable as exc:
+                    log.error("spoken opt-out is off: %s", exc)
         agi = make_agi(settings, intake, core)
         if agi is not None:
             await stack.enter_async_context(agi)  # binds now: a taken port is an error at start
@@ -133,6 +146,8 @@ async def run_agent(settings: Settings) -> int:
                 named["cache-keeper"] = core.keeper.run
             if ari is not None:
                 named["ari-listener"] = ari.run
+            if speech is not None:
+                named["speech-listener"] = speech.run
             if ami is not None:
                 named["ami-listener"] = ami.run
             tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]

@@ -24,7 +24,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aioari
 import aiohttp
@@ -54,6 +54,20 @@ class Channel:
     facts: ChannelFacts
     lookup: asyncio.Task[str | None] | None = None
     pressing: bool = False
+
+
+class CallWatcher(Protocol):
+    """Something that follows the app's calls without taking part in the press path (agent/speech's
+    listener). Its methods are called inside the websocket reader: they must not wait."""
+
+    def owns(self, channel_id: str) -> bool:
+        """Whether the channel is one the watcher created (its events are not calls)."""
+
+    def call_started(self, facts: ChannelFacts) -> None:
+        """A call entered the app."""
+
+    def call_ended(self, channel_id: str) -> None:
+        """A call left the app (or was found gone after a reconnect)."""
 
 
 def basic_auth(username: str, password: str) -> str:
@@ -117,6 +131,8 @@ class AriAgent(Resource):
         self._http_client: _HeaderAuthHttpClient | None = None
         self._accepting = True
         self.connected = False
+        self.watcher: CallWatcher | None = None
+        """Told of every call that enters and leaves the app (spoken opt-out); None: nobody."""
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -225,8 +241,12 @@ class AriAgent(Resource):
             resp.raise_for_status()
             app = await resp.json()
         ids = set(app.get("channel_ids") or [])
+        if self.watcher is not None:
+            ids = {i for i in ids if not self.watcher.owns(i)}
         for gone in set(self._channels) - ids:
             self._channels.pop(gone, None)
+            if self.watcher is not None:
+                self.watcher.call_ended(gone)
         for chan_id in ids - set(self._channels):
             async with self._rest.get(f"{self._url}/ari/channels/{chan_id}") as resp:
                 if resp.status == 200:
@@ -242,6 +262,8 @@ class AriAgent(Resource):
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
+        if self.watcher is not None and "channel" in event and self.watcher.owns(event["channel"]["id"]):
+            return  # the watcher's own channels (snoop, external media) are not calls
         if kind == "StasisStart":
             self._track(event["channel"])
         elif kind == "ChannelDtmfReceived":
@@ -250,6 +272,8 @@ class AriAgent(Resource):
             chan_id = event["channel"]["id"]
             self._intake.hangup_seen(chan_id, parse_ari_time(event.get("timestamp")) or datetime.now(UTC))
             if kind != "ChannelHangupRequest":
+                if self.watcher is not None:
+                    self.watcher.call_ended(chan_id)
                 chan = self._channels.pop(chan_id, None)
                 if chan is not None and chan.lookup is not None and not chan.pressing:
                     chan.lookup.cancel()
@@ -261,6 +285,8 @@ class AriAgent(Resource):
         if chan is None:
             chan = self._channels[facts.uniqueid] = Channel(facts.uniqueid, facts)
             self._intake.arrived(facts, Origin.ARI)
+            if self.watcher is not None:
+                self.watcher.call_started(facts)
             if facts.var("OPTOUT_NUMBER") is None:
                 chan.lookup = self._spawn(self._dialled(facts.uniqueid), name=f"ari-dialled-{facts.uniqueid}")
         return chan

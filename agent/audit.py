@@ -3,7 +3,9 @@
 Each row carries `prev_hash` (the row before it in the chain, `GENESIS` for the first) and
 `row_hash = sha256(prev_hash || canonical form of the row)`, where the canonical form is the JSON array of
 HASHED_COLUMNS in that order: timestamps as UTC `YYYY-MM-DDTHH:MM:SS.ffffffZ`, the channel object with
-sorted keys, text as stored. The row's `id` is not hashed: order is the chain itself.
+sorted keys, text as stored. The row's `id` is not hashed: order is the chain itself. Columns added later
+(EVIDENCE_COLUMNS: a spoken opt-out's transcript, score, phrase and audio SHA-256) are appended to that
+array only when one of them is set, so every row written before they existed hashes as it did.
 
 Every writer appends under one lock (PostgreSQL: an advisory transaction lock; SQLite: its write lock), so
 the chain follows commit order even with many agents, group commit and the replayer. A row changed,
@@ -31,7 +33,9 @@ TIMESTAMP_COLUMNS = frozenset({
     "pressed_at", "received_at", "journaled_at", "visible_at", "hangup_requested_at", "hungup_at", "recorded_at",
 })
 JSON_COLUMNS = frozenset({"channel"})
-ROW_COLUMNS = (*HASHED_COLUMNS, "prev_hash", "row_hash")
+EVIDENCE_COLUMNS = ("speech_transcript", "speech_score", "speech_phrase", "speech_audio_sha256")
+"""Hashed too, but only in rows that set one of them (migration 006)."""
+ROW_COLUMNS = (*HASHED_COLUMNS, *EVIDENCE_COLUMNS, "prev_hash", "row_hash")
 """Every column a writer inserts into optout_actions (all but the id)."""
 
 
@@ -52,6 +56,9 @@ def _norm(column: str, value: Any) -> Any:
 def canonical(row: Mapping[str, Any]) -> bytes:
     """The bytes a row's hash covers (as written, or as read back from either store)."""
     values = [_norm(c, row.get(c)) for c in HASHED_COLUMNS]
+    evidence = [_norm(c, row.get(c)) for c in EVIDENCE_COLUMNS]
+    if any(v is not None for v in evidence):
+        values += evidence
     return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

@@ -67,6 +67,8 @@ class Origin(StrEnum):
     AMI = "ami"
     SNS = "sns"
     ADMIN = "admin"
+    SPEECH = "speech"
+    """The callee said it (agent/speech): an utterance the matcher took as an opt-out, in mode `act`."""
 
 
 class Source(StrEnum):
@@ -90,6 +92,8 @@ class Outcome(StrEnum):
     """An administrator removed the number (with a reason)."""
     PREVENTED = "prevented"
     """A call to a blacklisted number was stopped before it was placed (dial guard or FastAGI precheck)."""
+    SPEECH_CANDIDATE = "speech_candidate"
+    """Speech mode `flag`: the callee seemed to ask for an opt-out; recorded for review, nothing blacklisted."""
 
 
 CHANGE_OUTCOMES = (Outcome.BLACKLISTED, Outcome.ALREADY_BLACKLISTED, Outcome.REMOVED)
@@ -102,3 +106,8 @@ EVENT_TYPE_OPTOUT = "optout"
 """SNS `eventType` of an opt-out: the producers' schema, with an E.164 phoneNumber."""
 EVENT_TYPE_NUMBER_UNKNOWN = "optout_number_unknown"
 """SNS `eventType` of a press on a call whose number could not be proven: no phoneNumber, the call's ids."""
+EVENT_TYPE_SPEECH_CANDIDATE = "speech_optout_candidate"
+"""SNS `eventType` of an utterance that seemed an opt-out, in speech mode `flag` (for review; nothing applied)."""
+SPEECH_ID_PREFIX = "optout-speech-"
+"""Every ARI channel and bridge the speech listener creates has an id starting with this (so a sweep after a
+restart finds the ones a previous run left)."""

@@ -28,7 +28,7 @@ from typing import Any
 from agent import metrics
 from agent.constants import Origin
 from agent.errors import JournalError
-from agent.optout import HangupInfo, OptOutRecord, call_event_id
+from agent.optout import HangupInfo, OptOutRecord, SpeechEvidence, call_event_id
 from agent.phone import mask
 from agent.pipeline import HangUp, OptOutPipeline
 from agent.telephony import ChannelFacts, call_record
@@ -107,8 +107,16 @@ class Intake:
         self._arriving.add(task)
         task.add_done_callback(self._arriving.discard)
 
+    def spoken(self, facts: ChannelFacts, *, evidence: SpeechEvidence, spoken_at: datetime,
+               hang_up: HangUp) -> Pressed | None:
+        """An utterance agent/speech took as an opt-out (mode `act`): the same sequence as a press, with
+        origin `speech`, no digit, and the utterance on the audit row. `spoken_at`: when the speech ended.
+        None when the call's opt-out was taken already (a press, or an earlier utterance)."""
+        return self.press(facts, origin=Origin.SPEECH, pressed_at=spoken_at, hang_up=hang_up, speech=evidence)
+
     def press(self, facts: ChannelFacts, *, origin: Origin, pressed_at: datetime | None,
-              hang_up: HangUp, received_at: datetime | None = None) -> Pressed | None:
+              hang_up: HangUp, received_at: datetime | None = None,
+              speech: SpeechEvidence | None = None) -> Pressed | None:
         """Take a press of the opt-out digit. Synchronous (never waits: safe inside an event reader).
         `received_at`: when the press reached the agent, if that was before its lookups (default: now).
 
@@ -120,10 +128,14 @@ class Intake:
         try:
             record = call_record(facts, origin=origin, digit=self.digit, pressed_at=pressed_at, region=self.region,
                                  received_at=received_at)
+            if speech is not None:
+                record = record.model_copy(update={"speech": speech, "digit": None,
+                                                   "reason": "callee asked not to be called (spoken)"})
         except Exception:
             log.exception("could not build the opt-out record; auditing the press as number-unknown")
             record = OptOutRecord(event_id=call_event_id(facts.uniqueid, None), phone_number=None, origin=origin,
-                                  digit=self.digit, pressed_at=pressed_at, received_at=received_at,
+                                  digit=None if speech else self.digit, pressed_at=pressed_at,
+                                  received_at=received_at, speech=speech,
                                   channel={"uniqueid": facts.uniqueid, "name": facts.name})
         if record.phone_number is None:
             metrics.NUMBER_UNKNOWN.labels(origin.value).inc()

@@ -102,5 +102,18 @@ PUBLISH_PARKED = Counter("optout_publish_refused_total", "Opt-outs SNS refused f
 ISOLATED = Bounded(Counter(
     "optout_isolated_failures_total", "Failures of one record (or one pass) contained so that the loop goes on, by "
     "where", ["loop"]), LOOPS)
+SPEECH_STREAMS = Gauge("optout_speech_streams", "Callee audio streams open (spoken opt-out)")
+SPEECH_AUDIO_SECONDS = Counter("optout_speech_audio_seconds_total", "Seconds of utterance audio recognised")
+SPEECH_SHED_SECONDS = Counter("optout_speech_shed_seconds_total",
+                              "Seconds of utterance audio dropped because the recogniser pool was full")
+SPEECH_MODES = ("act", "flag")
+SPEECH_DETECTIONS = Bounded(Counter("optout_speech_detections_total", "Utterances taken as opt-outs, by mode",
+                                    ["mode"]), SPEECH_MODES)
+SPEECH_DECISION = Bounded(Histogram(
+    "optout_speech_decision_seconds", "From the end of speech to the hangup answered (act) or the candidate recorded "
+    "(flag)", ["mode"], buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)), SPEECH_MODES)
+SPEECH_CPU_SECONDS = Counter("optout_speech_recogniser_cpu_seconds_total", "CPU seconds the recogniser spent")
+SPEECH_SETUP_ERRORS = Counter("optout_speech_setup_errors_total",
+                              "Calls whose audio could not be tapped (snoop, external media or bridge refused)")
 LOOP_LAG = Histogram("optout_event_loop_lag_seconds", "How late the agent's event loop ran a 100 ms timer",
                      buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))

@@ -264,6 +264,25 @@ class HangupInfo(_Camel):
         return self.result == "ok"
 
 
+class SpeechEvidence(_Camel):
+    """What an utterance said, as the audit row keeps it (agent/speech): personal data, like the number."""
+
+    transcript: str
+    score: float
+    phrase: str | None = None
+    audio_sha256: str = Field(alias="audioSha256", pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("transcript", "phrase", mode="before")
+    @classmethod
+    def _clean(cls, value: Any) -> Any:
+        return clean_text(value, TEXT_MAX) if isinstance(value, str) else value
+
+    def columns(self) -> dict[str, str | None]:
+        """The audit row's speech columns (the score as fixed text, so the hash chain reads it back the same)."""
+        return {"speech_transcript": self.transcript, "speech_score": f"{self.score:.3f}",
+                "speech_phrase": self.phrase, "speech_audio_sha256": self.audio_sha256}
+
+
 class OptOutRecord(_Camel):
     """A validated, normalised opt-out: what the journal holds and the store writes (one audit row).
 
@@ -290,6 +309,8 @@ class OptOutRecord(_Camel):
     hangup: HangupInfo | None = None
     actor: str | None = None
     channel: dict[str, Any] | None = None
+    speech: SpeechEvidence | None = None
+    """Origin speech: the utterance (transcript, score, phrase, SHA-256 of its audio)."""
 
     @field_validator("event_id", "raw_number", "number_source", "digit", "actor", mode="before")
     @classmethod

@@ -132,6 +132,23 @@ class SnsPublisher(Resource):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
 
+    async def publish_one(self, message: dict[str, Any], event_type: str) -> bool:
+        """Publish one message outside the outbox, once (speech candidates: their audit row is the durable
+        record). False when publishing is off or SNS did not take it."""
+        if self._client is None:
+            return False
+        try:
+            await self._client.publish(TopicArn=self._topic_arn, Message=json.dumps(message, separators=(",", ":")),
+                                       MessageAttributes={
+                                           "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
+                                           "eventType": {"DataType": "String", "StringValue": event_type}})
+        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+            metrics.PUBLISH_ERRORS.inc()
+            log.warning("publishing a %s event failed: %s", event_type, exc)
+            return False
+        metrics.PUBLISHED.inc()
+        return True
+
     async def publish_pending(self) -> int:
         """Publish everything the outbox holds; returns how many SNS accepted. Raises PublishUnavailable."""
         done = 0

@@ -42,7 +42,8 @@ TABLE_ROWS = 10_000
 """Prevented calls and removals listed (the newest); the counts cover all of them."""
 STORE_SLACK = timedelta(days=1)
 ORIGINS = tuple(o.value for o in Origin)
-ORIGIN_COLOURS = {"ari": "#2563eb", "agi": "#16a34a", "ami": "#9333ea", "sns": "#ea580c", "admin": "#64748b"}
+ORIGIN_COLOURS = {"ari": "#2563eb", "agi": "#16a34a", "ami": "#9333ea", "sns": "#ea580c", "admin": "#64748b",
+                  "speech": "#0891b2"}
 OPTOUT_OUTCOMES = frozenset({Outcome.BLACKLISTED.value, Outcome.ALREADY_BLACKLISTED.value,
                              Outcome.NUMBER_UNKNOWN.value})
 MAX_DAY_SPAN = 1000
@@ -172,6 +173,19 @@ class Action:
     event_id: str
 
 
+@dataclass(frozen=True)
+class Spoken:
+    """One spoken opt-out (origin speech) or candidate (speech mode `flag`), with what was said."""
+
+    at: datetime
+    phone_number: str | None
+    outcome: str
+    transcript: str | None
+    score: str | None
+    phrase: str | None
+    event_id: str
+
+
 @dataclass
 class ReportData:
     """What `collect` found; bounded whatever the size of the trail."""
@@ -190,6 +204,9 @@ class ReportData:
     removed_by_day: dict[date, int] = field(default_factory=dict)
     prevented: deque[Action] = field(default_factory=lambda: deque(maxlen=TABLE_ROWS))
     removals: deque[Action] = field(default_factory=lambda: deque(maxlen=TABLE_ROWS))
+    spoken: deque[Spoken] = field(default_factory=lambda: deque(maxlen=TABLE_ROWS))
+    spoken_total: int = 0
+    """Rows of origin speech: opt-outs and candidates (agent/speech)."""
     hangup: Latencies = field(default_factory=Latencies)
     visible: Latencies = field(default_factory=Latencies)
 
@@ -238,6 +255,10 @@ class ReportData:
                              else (self.removed_by_day, self.removals))
             by_day[day] = by_day.get(day, 0) + 1
             table.append(action)
+        if origin == Origin.SPEECH.value:
+            self.spoken_total += 1
+            self.spoken.append(Spoken(received, row.get("phone_number"), outcome, row.get("speech_transcript"),
+                                      row.get("speech_score"), row.get("speech_phrase"), str(row.get("event_id"))))
         press = instant(row.get("pressed_at")) or received
         hangup = _ms(press, instant(row.get("hungup_at")) or instant(row.get("hangup_requested_at")))
         if hangup is not None:
@@ -415,6 +436,11 @@ def render_html(data: ReportData, chain: ChainReport, *, generated_at: datetime,
         _latency_section("visible", "Press → visible to the dialers", data.visible,
                          "From the press to the moment the number was in Redis, where the dialers check "
                          "(confirmed by the writer, else by the cache sync)."),
+        "<h2>Spoken opt-outs and candidates</h2>",
+        '<p class="note">What callees said (agent/speech): <code>blacklisted</code> and the like were honoured '
+        "like a press; <code>speech_candidate</code> were flagged for review and changed nothing. Transcripts are "
+        "personal data.</p>",
+        _spoken_listing(data, full_numbers),
         "<h2>Removals</h2>",
         '<p class="note">Removals belong to no campaign: a campaign report lists none.</p>' if data.campaign else "",
         _listing(data.removals, data.removed_total, ["time", "number", "who", "why", "event"],
@@ -433,6 +459,16 @@ def render_html(data: ReportData, chain: ChainReport, *, generated_at: datetime,
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _spoken_listing(data: ReportData, full_numbers: bool) -> str:
+    if not data.spoken_total:
+        return '<p class="note">None in this period.</p>'
+    note = (f'<p class="note">The newest {len(data.spoken)} of {data.spoken_total}.</p>'
+            if len(data.spoken) < data.spoken_total else "")
+    return note + _table(["time", "number", "outcome", "transcript", "score", "phrase", "event"],
+                         [[when(s.at), shown(s.phone_number, full_numbers), s.outcome, s.transcript or "-",
+                           s.score or "-", s.phrase or "-", s.event_id] for s in reversed(data.spoken)])
 
 
 def _listing(actions: deque[Action], total: int, header: list[str], row: Callable[[Action], list[str]]) -> str:
@@ -466,6 +502,9 @@ def write_csv(data: ReportData, directory: Path, *, chain: ChainReport | None = 
             for a in data.prevented]),
         "removals.csv": (["at", "phone_number", "actor", "reason", "event_id"], [
             [a.at, _csv_number(a.phone_number, full_numbers), a.actor, a.reason, a.event_id] for a in data.removals]),
+        "spoken.csv": (["at", "phone_number", "outcome", "transcript", "score", "phrase", "event_id"], [
+            [s.at, _csv_number(s.phone_number, full_numbers), s.outcome, s.transcript, s.score, s.phrase, s.event_id]
+            for s in data.spoken]),
     }
     if chain is not None:
         tables["chain.csv"] = (["intact", "rows", "legacy_rows", "broken_at", "problem", "head"], [

@@ -91,6 +91,26 @@ class Settings(BaseSettings):
     optout_dial_endpoint: str | None = None
     """The endpoint `POST /calls` dials the checked number through, e.g. `PJSIP/{number}@trunk`."""
 
+    # --- spoken opt-out (agent/speech; the `speech` extra) ---------------------------------------------
+    speech_enabled: bool = False
+    """Listen to callees on ARI calls; a call's OPTOUT_SPEECH variable (1/0) overrides it either way."""
+    speech_per_call: bool = False
+    """Run the listener even with SPEECH_ENABLED false, for calls that set OPTOUT_SPEECH=1."""
+    speech_mode: Literal["flag", "act"] = "flag"
+    """`flag`: record and publish a candidate, hang nothing up; `act`: honour it like a press."""
+    speech_phrases: str = ""
+    """Phrases separated by `;` (empty: agent/speech/matcher.py DEFAULT_PHRASES)."""
+    speech_threshold: float = Field(default=0.8, gt=0, le=1)
+    speech_workers: int = Field(default=1, ge=1, le=64)
+    speech_max_pending: int = Field(default=0, ge=0, le=1024)
+    """Utterances waiting or running at once before new ones are shed (0: twice the workers)."""
+    speech_rtp_host: str = "127.0.0.1"
+    speech_rtp_port: int = Field(default=0, ge=0, le=65535)
+    """The UDP port Asterisk sends callee audio to (0: any free port)."""
+    speech_clip_dir: Path | None = None
+    """Keep each utterance's audio here (personal data: off by default)."""
+    speech_clip_retention_days: float = Field(default=7.0, gt=0)
+
     # --- SNS ----------------------------------------------------------------------------------------
     optout_events_topic_arn: str | None = None
     aws_endpoint_url: str | None = None

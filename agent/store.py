@@ -127,7 +127,7 @@ def action_row(record: OptOutRecord, outcome: Outcome, recorded_at: datetime) ->
         "hungup_at": hangup.hungup_at if hangup else None,
         "hangup_method": hangup.method if hangup else None, "hangup_result": hangup.result if hangup else None,
         "outcome": outcome.value, "actor": record.actor, "reason": record.reason, "channel": record.channel,
-        "recorded_at": recorded_at,
+        "recorded_at": recorded_at, **(record.speech.columns() if record.speech else {}),
     }
 
 

@@ -18,6 +18,8 @@
 # Variables: ASTERISK_SANDBOX_ROOT (/var/cache/optout-agent/asterisk-root, read only)
 #   IMAGES_DATABASE_URL (postgresql://postgres@127.0.0.1:5432/optout_images)  IMAGES_REDIS_URL (redis://127.0.0.1:6379/11)
 #   IMAGES_KEEP_CONTAINERS=1 leaves the containers running for a look (remove them with `podman rm -f`).
+#   IMAGES_SPEECH=1 also builds localhost/optout-agent-speech:dev (Dockerfile.agent with EXTRAS=speech: spoken
+#   opt-out, about 700 MB more) and checks that the model loads in it, pinned files' SHA-256 included.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +31,7 @@ BASE_IMAGE=localhost/debian:sid
 APT_OPTIONS="-o Acquire::Check-Valid-Until=false"  # the mirror's sid Release file reads as expired here
 IMG_ASTERISK=localhost/optout-asterisk:dev
 IMG_AGENT=localhost/optout-agent:dev
+IMG_AGENT_SPEECH=localhost/optout-agent-speech:dev
 IMG_LAMBDA=localhost/optout-sns-lambda:dev
 IMG_AGENT_RUNTIME=localhost/optout-agent-runtime:dev   # the agent's first stage: tells the Python version
 DB_URL="${IMAGES_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/optout_images}"
@@ -219,6 +222,28 @@ say "$(ls "$HERE"/wheelhouse/*.whl | wc -l) wheels for Python $PYVER in asterisk
 phase "build agent"
 build "$IMG_AGENT" "$HERE/Dockerfile.agent" --build-arg "APT_PACKAGES=python3 python3-venv" \
     --build-arg "PIP_OPTIONS=--no-index"
+
+if [[ "${IMAGES_SPEECH:-0}" == 1 ]]; then
+    phase "build agent (speech)"
+    speech_key="$key-speech"
+    if [[ ! -f "$WHEEL_CACHE/$speech_key/.complete" ]]; then
+        rm -rf "$WHEEL_CACHE/$speech_key" && mkdir -p "$WHEEL_CACHE/$speech_key"
+        python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["speech"]))' \
+            "$REPO/pyproject.toml" >"$WORK/speech-requirements.txt"
+        "${PIP[@]}" download -q --disable-pip-version-check --only-binary=:all: --python-version "$PYVER" \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform any -d "$WHEEL_CACHE/$speech_key" \
+            -r "$WORK/speech-requirements.txt" 2>&1 | grep -v 'is ignored' >&2 || true
+        ls "$WHEEL_CACHE/$speech_key"/onnxruntime-*.whl >/dev/null 2>&1 || die "speech wheel download failed"
+        touch "$WHEEL_CACHE/$speech_key/.complete"
+    fi
+    cp -p "$WHEEL_CACHE/$speech_key"/*.whl "$HERE/wheelhouse/"
+    build "$IMG_AGENT_SPEECH" "$HERE/Dockerfile.agent" --build-arg "APT_PACKAGES=python3 python3-venv" \
+        --build-arg "PIP_OPTIONS=--no-index" --build-arg "EXTRAS=speech"
+    "${PODMAN[@]}" run --rm "${LIMITS[@]}" "$IMG_AGENT_SPEECH" python3 -c \
+        'from agent.speech.model import Recogniser; Recogniser(); print("speech model loaded")' >&2 \
+        || die "the speech image cannot load its model"
+fi
 
 phase "build lambda"
 build "$IMG_LAMBDA" "$REPO/sns_bridge/Dockerfile.lambda" --build-arg "APT_PACKAGES=python3 python3-pip" \

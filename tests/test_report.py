@@ -177,10 +177,11 @@ async def test_report_csv_tables(store: Store, tmp_path: Path) -> None:
             return list(csv.DictReader(fh))
 
     assert sorted(p.name for p in paths) == ["chain.csv", "latency.csv", "latency_histogram.csv", "per_day.csv",
-                                             "prevented.csv", "removals.csv"]
+                                             "prevented.csv", "removals.csv", "spoken.csv"]
     per_day = {r["day"]: r for r in read("per_day.csv")}
     assert per_day[D0.date().isoformat()] == {"day": D0.date().isoformat(), "ari": "3", "agi": "1", "ami": "0",
-                                                    "sns": "0", "admin": "0", "optouts": "4", "imported": "0",
+                                                    "sns": "0", "admin": "0", "speech": "0", "optouts": "4",
+                                                    "imported": "0",
                                                     "prevented": "0", "removed": "0"}
     assert per_day[D2.date().isoformat()]["imported"] == "2"
     assert per_day[D2.date().isoformat()]["removed"] == "1"
