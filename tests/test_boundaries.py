@@ -284,7 +284,7 @@ async def agi_port(pipeline: OptOutPipeline, pg_store: PostgresStore, cache: Red
     from agent.precheck import BlacklistChecker
 
     intake = Intake(pipeline=pipeline, digit="9", region="US")
-    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
     async with AgiServer(host="127.0.0.1", port=unused_tcp_port, intake=intake, guard=guard, header_timeout=2.0):
         yield unused_tcp_port
         await intake.drain(within=5.0)
@@ -393,7 +393,7 @@ async def test_a_session_whose_headers_arrived_is_never_evicted(
     from agent.precheck import BlacklistChecker
 
     intake = Intake(pipeline=pipeline, digit="9", region="US")
-    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
     server = AgiServer(host="127.0.0.1", port=0, intake=intake, guard=guard)
     app = GuardedApplication(header_timeout=30.0, max_connections=100, max_waiting=4)
     app.add_route("optout", server._optout)
@@ -479,7 +479,7 @@ async def hostile_trail(core: Any) -> list[str]:
                                                   "call_id": value, "contact_id": value, "reason": value})
         await core.store.write([record])
     await core.store.remove(Removal(numbers[0], "+SUM(1,1)", "@SUM(1)", f"remove-{uuid.uuid4()}",
-                                    datetime.now(UTC)))
+                                    datetime.now(UTC), seen_seq=await core.store.head()))
     return numbers
 
 

@@ -106,7 +106,7 @@ async def calls_api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCa
     from agent.http import AgentHttp
     from agent.precheck import BlacklistChecker
 
-    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, region="US"), store=pg_store)
+    guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
     originated: list[Any] = []
 
     async def originate(*args: Any) -> Any:
