@@ -136,7 +136,8 @@ async def test_random_events_and_sessions_through_the_whole_pipeline(
         pipeline = OptOutPipeline(journal=journal, store=pg_store, cache=cache)
         handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache))
         intake = Intake(pipeline=pipeline, digit="9", region="US")
-        guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
+        checker = BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US")
+        guard = DialGuard(checker=checker, store=pg_store)
         port = unused_tcp_port_factory()
         poller = SqsPoller(handler=handler, client=sqs, queue_url=wiring.queue_url, wait_seconds=1,
                            visibility_timeout=1)
