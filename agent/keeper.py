@@ -83,6 +83,12 @@ class CacheKeeper:
                     if isinstance(exc, CacheUnavailable):
                         metrics.CONNECTED.labels("redis").set(0)
                     delay = backoff.delay(exc)
+                except Exception:
+                    self.current = False
+                    metrics.CACHE_CURRENT.set(0)
+                    metrics.ISOLATED.labels("keeper").inc()
+                    log.exception("cache keeper round failed unexpectedly; the next round starts over")
+                    delay = backoff.delay("unexpected error")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         finally:

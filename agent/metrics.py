@@ -20,7 +20,7 @@ OUTCOMES = frozenset({*(o.value for o in Outcome), "unknown"})
 HANGUP_RESULTS = frozenset({"ok", "gone", "not-found", "timeout", "error", "unknown"})
 """How a hangup request ended (`hangup_result`): the label of optout_hangups_total."""
 UPSTREAMS = frozenset({"ari", "ami", "agi", "redis", "store", "sns", "sqs"})
-LOOPS = frozenset({"store", "replayer", "publisher", "sqs", "bridge", "lambda"})
+LOOPS = frozenset({"store", "replayer", "publisher", "sqs", "bridge", "lambda", "keeper"})
 """Where a record's failure was isolated (optout_isolated_failures_total)."""
 M = TypeVar("M", Counter, Gauge, Histogram)
 

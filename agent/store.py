@@ -19,8 +19,6 @@ from enum import Enum
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from agent import audit
 from agent.constants import CHANGE_OUTCOMES, Outcome, Source
 from agent.lifecycle import Resource
@@ -246,9 +244,9 @@ def change_of(row: Sequence[Any]) -> Change:
     try:
         entry = BlacklistEntry(phone_number=phone, added_at=at, reason=reason or "opted out",
                                source=source or Source.USER_OPTOUT, metadata=meta or None)
-    except ValidationError as exc:  # a row written outside the writers: the number still goes to Redis
+    except (ValueError, TypeError) as exc:  # a row written outside the writers: the number
         log.error("change %s: its entry is not valid (%s); the number is applied with a minimal entry", seq,
-                  exc.errors(include_url=False)[0].get("msg"))
+                  type(exc).__name__)  # still goes to Redis
         entry = BlacklistEntry(phone_number=phone, added_at=at, reason="opted out", source=Source.USER_OPTOUT)
     return Change(seq=int(seq), phone_number=phone, op="add", at=at, entry=entry, event_id=event_id,
                   visible=bool(visible), lineage=lineage)

@@ -460,3 +460,33 @@ async def test_redis_that_went_back_holds_the_lease_until_writers_re_asserted(
     assert await checker(pg_store, cache, journal).check([A, B, C]) == [True, True, True]
     await current(k)
     assert redis_sync.smismember(BLACKLIST_SET, [A, B, C]) == [1, 1, 1]
+
+
+async def test_an_unexpected_error_in_a_round_never_stops_the_keeper(
+    pg_store: PostgresStore, cache: RedisCache, redis_sync: redis.Redis
+) -> None:
+    k = keeper(pg_store, cache, interval=0.05)
+    await current(k)
+    changes = pg_store.changes
+    failures = 0
+
+    async def broken_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise RuntimeError("a row nobody foresaw")
+        return await changes(*args, **kwargs)
+
+    pg_store.changes = broken_once  # type: ignore[method-assign]
+    task = asyncio.create_task(k.run())
+    try:
+        await pg_store.write([make_record(A)])
+        for _ in range(200):
+            if redis_sync.sismember(BLACKLIST_SET, A):
+                break
+            await asyncio.sleep(0.05)
+        assert failures == 2 and redis_sync.sismember(BLACKLIST_SET, A) and not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
