@@ -107,26 +107,28 @@ class Applied(enum.Enum):
     """Applied, but the lease is held (just after a swap, or after Redis went back): not renewed yet."""
 
 
-# KEYS: 1 set, 2 view, 3 lease, 4 keeper lock, then each change's entry key.
+# KEYS: 1 set, 2 view, 3 lease, 4 keeper lock.
 # ARGV: 1 token, 2 expected seq, 3 new seq, 4 new lineage, 5 lease ms (0: none), 6 lock ms, 7 sentinel,
-#       8 number of changes, 9 number of pending fields to drop, then per change: 'a'|'r', phone, entry JSON;
-#       then the pending fields to drop (opt-outs the store holds at or before the new seq).
+#       8 the changes, one per line: "a<TAB>phone<TAB>entry JSON" or "r<TAB>phone" (JSON has no raw tab or
+#       line break), 9 the entry key prefix, then the pending fields to drop (opt-outs the store holds at or
+#       before the new seq).
 # Applies store changes in order. A removal leaves a number some writer still holds unstored (a `p:` field
 # not being dropped): that opt-out reaches the store after the removal, and wins.
 _APPLY = """
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 'not the keeper' end
 if (redis.call('HGET', KEYS[2], 'seq') or '') ~= ARGV[2] then return 'moved' end
 if redis.call('SISMEMBER', KEYS[1], ARGV[7]) == 0 then return 'lost' end
-local n, first_drop, held = tonumber(ARGV[8]), 10 + 3 * tonumber(ARGV[8]), nil
-for i = 1, n do
-  local op, phone, entry = ARGV[7 + 3 * i], ARGV[8 + 3 * i], ARGV[9 + 3 * i]
-  if op == 'a' then
+local held = nil
+for line in string.gmatch(ARGV[8], '[^\\n]+') do
+  local tab = string.find(line, '\\t', 3, true)
+  local phone = tab and string.sub(line, 3, tab - 1) or string.sub(line, 3)
+  if string.sub(line, 1, 1) == 'a' then
     redis.call('SADD', KEYS[1], phone)
-    redis.call('SET', KEYS[4 + i], entry)
+    redis.call('SET', ARGV[9] .. phone, string.sub(line, tab + 1))
   else
     if not held then
       local dropped = {}
-      for j = first_drop, #ARGV do dropped[ARGV[j]] = true end
+      for j = 10, #ARGV do dropped[ARGV[j]] = true end
       held = {}
       local all = redis.call('HGETALL', KEYS[2])
       for j = 1, #all, 2 do
@@ -135,11 +137,11 @@ for i = 1, n do
     end
     if not held[phone] then
       redis.call('SREM', KEYS[1], phone)
-      redis.call('DEL', KEYS[4 + i])
+      redis.call('DEL', ARGV[9] .. phone)
     end
   end
 end
-for j = first_drop, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
+for j = 10, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
 redis.call('HSET', KEYS[2], 'seq', ARGV[3], 'lineage', ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
 if tonumber(ARGV[5]) > 0 then
@@ -337,14 +339,12 @@ class RedisCache(Resource):
         """Apply store changes in order if this keeper holds the lock and the view is at `expected`; mark it
         at `new`, drop the pending fields of opt-outs it now holds, renew the lease when `lease_ms`, and
         extend the lock. No changes and a lease = the keeper's proof the view is current."""
-        keys = [BLACKLIST_SET, BLACKLIST_VIEW, BLACKLIST_LEASE, BLACKLIST_KEEPER,
-                *(blacklist_entry_key(c.phone_number) for c in changes)]
+        keys = [BLACKLIST_SET, BLACKLIST_VIEW, BLACKLIST_LEASE, BLACKLIST_KEEPER]
+        lines = "\n".join(f"a\t{c.phone_number}\t{c.entry}" if c.op == "add" else f"r\t{c.phone_number}"
+                          for c in changes)
         args: list[str | int] = [token, str(expected.seq), str(new.seq), new.lineage, lease_ms, lock_ms,
-                                 BLACKLIST_SENTINEL, len(changes), len(drop_pending)]
-        for change in changes:
-            entry = change.entry.to_json() if change.entry is not None else ""
-            args += ["a" if change.entry is not None else "r", change.phone_number, entry]
-        args += [PENDING_FIELD_PREFIX + event_id for event_id in drop_pending]
+                                 BLACKLIST_SENTINEL, lines, blacklist_entry_key(""),
+                                 *(PENDING_FIELD_PREFIX + event_id for event_id in drop_pending)]
         with redis_errors("applying store changes"):
             return Applied(await self._apply(keys=keys, args=args))
 

@@ -166,26 +166,44 @@ class CacheKeeper:
         return await self._catch_up(view, store.head, started)
 
     async def _catch_up(self, view: View, head: Position, started: float) -> bool:
+        """Apply the store's changes after the view's position up to `head`, in batches; the next batch is
+        read from the store while Redis applies the current one."""
         assert view.position is not None
         at = view.position
-        while True:
-            changes = await self._store.changes(at.seq, head.seq, limit=self._batch) if at.seq < head.seq else []
-            new = Position(changes[-1].seq, changes[-1].lineage) if len(changes) == self._batch else head
-            final = new == head
-            drop = await self._stored_pending(view, new.seq)
-            lease_ms = self._lease_ms - int((time.monotonic() - started) * 1000) if final else 0
-            done = await self._cache.apply(self._token, changes, expected=at, new=new, lease_ms=max(lease_ms, 0),
-                                           lock_ms=self._lock_ms, drop_pending=drop)
-            if done not in (Applied.DONE, Applied.HELD):
-                log.info("cache keeper round abandoned: %s", done.value)
-                return False
-            self._seen = new
-            await self._note_visible(changes)
-            if final:
-                metrics.CACHE_BEHIND.set(0)
-                return done is Applied.DONE and lease_ms > 0
-            metrics.CACHE_BEHIND.set(head.seq - new.seq)
-            at = new
+        fetch = asyncio.ensure_future(self._changes(at, head))
+        try:
+            while True:
+                changes, new = await fetch
+                final = new == head
+                if not final:
+                    fetch = asyncio.ensure_future(self._changes(new, head))
+                drop = await self._stored_pending(view, new.seq)
+                lease_ms = self._lease_ms - int((time.monotonic() - started) * 1000) if final else 0
+                done = await self._cache.apply(self._token, changes, expected=at, new=new,
+                                               lease_ms=max(lease_ms, 0), lock_ms=self._lock_ms, drop_pending=drop)
+                if done not in (Applied.DONE, Applied.HELD):
+                    log.info("cache keeper round abandoned: %s", done.value)
+                    return False
+                self._seen = new
+                await self._note_visible(changes)
+                if final:
+                    metrics.CACHE_BEHIND.set(0)
+                    return done is Applied.DONE and lease_ms > 0
+                metrics.CACHE_BEHIND.set(head.seq - new.seq)
+                at = new
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                    await fetch
+
+    async def _changes(self, after: Position, head: Position) -> tuple[list[Change], Position]:
+        """The next batch of changes after `after`, and the position it ends at (`head` for the last one)."""
+        changes = await self._store.changes(after.seq, head.seq, limit=self._batch) if after.seq < head.seq else []
+        if len(changes) < self._batch:
+            return changes, head
+        end = await self._store.position(changes[-1].seq)
+        return changes, Position(changes[-1].seq, end.lineage_at or "")
 
     async def _stored_pending(self, view: View, upto: int) -> list[str]:
         """Pending opt-outs the store holds at or before `upto`: the set holds them as stored changes now."""

@@ -21,6 +21,7 @@ step that converts it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import unicodedata
@@ -241,6 +242,37 @@ class BlacklistEntry(_Camel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+_SOURCES = frozenset(s.value for s in Source)
+_WHITE_SPACE = (" \t\n\x0b\x0c\r\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+                + "\u2028\u2029\u202f\u205f\u3000")
+"""What pydantic's str_strip_whitespace strips (Unicode White_Space; Python's own strip() also takes
+\\x1c-\\x1f)."""
+
+
+def entry_json(phone_number: str, added_at: datetime, reason: str, source: str,
+               metadata: dict[str, Any] | None) -> str | None:
+    """The JSON `BlacklistEntry.to_json` writes, built without validating (the keeper writes one per store
+    change, millions for an import): None when the values are not a valid entry (the caller validates)."""
+    if source not in _SOURCES or not isinstance(reason, str) or not isinstance(phone_number, str) \
+            or not isinstance(added_at, datetime) or added_at.tzinfo is None:
+        return None
+    head = '{"phoneNumber":' + json.dumps(phone_number.strip(_WHITE_SPACE), ensure_ascii=False)
+    if metadata is None:  # an import's rows share everything but the number
+        return head + _entry_tail(added_at, reason, source)
+    tail = json.dumps({"addedAt": added_at.isoformat().replace("+00:00", "Z"),
+                       "reason": reason.strip(_WHITE_SPACE), "source": source, "metadata": metadata},
+                      ensure_ascii=False, separators=(",", ":"))
+    return head + "," + tail[1:]
+
+
+@functools.lru_cache(maxsize=256)
+def _entry_tail(added_at: datetime, reason: str, source: str) -> str:
+    tail = json.dumps({"addedAt": added_at.isoformat().replace("+00:00", "Z"),
+                       "reason": reason.strip(_WHITE_SPACE), "source": source}, ensure_ascii=False,
+                      separators=(",", ":"))
+    return "," + tail[1:]
 
 
 class HangupInfo(_Camel):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from agent import audit
 from agent.constants import CHANGE_OUTCOMES, Outcome, Source
 from agent.lifecycle import Resource
-from agent.optout import BlacklistEntry, OptOutRecord, iso_z, outcome_of
+from agent.optout import BlacklistEntry, OptOutRecord, entry_json, iso_z, outcome_of
 
 log = logging.getLogger("agent.store")
 
@@ -89,13 +89,12 @@ class Change:
     op: Literal["add", "remove"]
     at: datetime
     """When the change was made (the action's receive time)."""
-    entry: BlacklistEntry | None = None
+    entry: str | None = None
+    """For an add: the entry's JSON, as dialers read it from `blacklist:{phone}`."""
     event_id: str | None = None
     visible: bool = True
     """For an add: whether the writer saw it in Redis before storing it, or nobody waits on it (an import);
     else the keeper notes when it made it visible."""
-    lineage: str = ""
-    """The row's chain hash (Position.lineage)."""
 
 
 def migrations(dialect: str) -> list[tuple[int, str, str]]:
@@ -205,8 +204,8 @@ LINEAGE_SQL = "coalesce(a.row_hash, 'event:' || a.event_id)"
 """A row's lineage (rows from before the chain have no hash: their event id stands in)."""
 CHANGES_SQL = (
     "SELECT a.id, a.phone_number, a.outcome, a.received_at, a.reason, a.source, a.call_id, a.campaign_id,"
-    " a.contact_id, a.pressed_at, a.event_id, a.visible_at IS NOT NULL OR v.event_id IS NOT NULL OR"
-    f" a.journaled_at IS NULL, {LINEAGE_SQL} FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
+    " a.contact_id, a.pressed_at, a.event_id, a.visible_at IS NOT NULL OR a.journaled_at IS NULL OR EXISTS"
+    " (SELECT 1 FROM optout_visibility v WHERE v.event_id = a.event_id) FROM optout_actions a"
     " WHERE a.id > {m} AND a.id <= {m} AND a.phone_number IS NOT NULL AND a.outcome IN ("
     + ", ".join(f"'{o.value}'" for o in CHANGE_OUTCOMES) + ") ORDER BY a.id LIMIT {m}")
 """The change feed (both dialects; `{m}` is the placeholder). Only opt-outs a writer journaled count as
@@ -232,24 +231,21 @@ def position_of(rows: Sequence[Sequence[Any]], at: int | None) -> StorePosition:
 def change_of(row: Sequence[Any]) -> Change:
     """A change feed row (CHANGES_SQL) -> Change. Timestamps may come as datetimes (PostgreSQL) or text
     (SQLite)."""
-    (seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible,
-     lineage) = row
+    seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible = row
     at = datetime.fromisoformat(at) if isinstance(at, str) else at
     if outcome == Outcome.REMOVED.value:
-        return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id, lineage=lineage)
+        return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id)
     if isinstance(pressed_at, str):
         pressed_at = datetime.fromisoformat(pressed_at)
     meta = {k: v for k, v in (("callId", call_id), ("campaignId", campaign_id), ("contactId", contact_id),
                               ("timestamp", iso_z(pressed_at) if pressed_at else None)) if v is not None}
-    try:
-        entry = BlacklistEntry(phone_number=phone, added_at=at, reason=reason or "opted out",
-                               source=source or Source.USER_OPTOUT, metadata=meta or None)
-    except (ValueError, TypeError) as exc:  # a row written outside the writers: the number
-        log.error("change %s: its entry is not valid (%s); the number is applied with a minimal entry", seq,
-                  type(exc).__name__)  # still goes to Redis
-        entry = BlacklistEntry(phone_number=phone, added_at=at, reason="opted out", source=Source.USER_OPTOUT)
+    entry = entry_json(phone, at, reason or "opted out", source or Source.USER_OPTOUT.value, meta or None)
+    if entry is None:  # a row written outside the writers: the number still goes to Redis
+        log.error("change %s: its entry is not valid; the number is applied with a minimal entry", seq)
+        entry = BlacklistEntry(phone_number=phone, added_at=at, reason="opted out",
+                               source=Source.USER_OPTOUT).to_json()
     return Change(seq=int(seq), phone_number=phone, op="add", at=at, entry=entry, event_id=event_id,
-                  visible=bool(visible), lineage=lineage)
+                  visible=bool(visible))
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ async def test_a_failover_whose_new_primary_missed_writes_is_repaired_and_never_
     rig = SentinelRig(tmp_path).start()
     settings = Settings(database_url=pg_dsn, redis_sentinels=rig.sentinels, redis_sentinel_service=SERVICE,
                         optout_default_region="IL", optout_journal_path=tmp_path / "journal.db",
-                        cache_sync_interval_seconds=0.1, cache_lease_seconds=1.0)
+                        cache_sync_interval_seconds=0.05, cache_lease_seconds=0.3)
     answers: list[tuple[str, bool | None]] = []
     stop = asyncio.Event()
     try:
