@@ -322,12 +322,7 @@ class RedisCache(Resource):
 
     async def is_current(self) -> bool:
         """Whether a "clear" from the set may be trusted now (the lease and the sentinel)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(BLACKLIST_LEASE)
-        pipe.sismember(BLACKLIST_SET, BLACKLIST_SENTINEL)
-        with redis_errors("reading the lease"):
-            lease, sentinel = await pipe.execute()
-        return bool(sentinel) and _position(lease) is not None
+        return (await self.check([BLACKLIST_SENTINEL])).lease is not None
 
     # --- the keeper ---------------------------------------------------------------------------------------
     def keeper_lock(self, *, timeout: float) -> Lock:
@@ -370,12 +365,8 @@ class RedisCache(Resource):
                                             args=[token, str(at.seq), at.lineage, BLACKLIST_SENTINEL, lock_ms,
                                                   grace_ms, *(PENDING_FIELD_PREFIX + e for e in drop_pending)]))
 
-    async def drop_lease(self) -> None:
-        with redis_errors("dropping the lease"):
-            await self.client.delete(BLACKLIST_LEASE)
-
     async def hold_lease(self, grace_ms: int) -> None:
-        """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile)."""
+        """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile); 0 just drops it."""
         with redis_errors("holding the lease"):
             if grace_ms > 0:
                 await self.client.set(BLACKLIST_LEASE, "hold", px=grace_ms)

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from agent import metrics
@@ -60,6 +59,7 @@ class CacheKeeper:
         self._token = ""
         self._seen: Position | None = None
         """The newest view position this keeper saw: a view behind it means Redis lost writes."""
+        self._rebuilt = -1
         self._wake = asyncio.Event()
         self.current = False
         """The last round proved the view current (and renewed the lease)."""
@@ -77,18 +77,14 @@ class CacheKeeper:
                     metrics.CONNECTED.labels("redis").set(1)
                     backoff.reset()
                     delay = self._interval
-                except (CacheUnavailable, StoreUnavailable, JournalError) as exc:
+                except Exception as exc:
                     self.current = False
                     metrics.CACHE_CURRENT.set(0)
-                    if isinstance(exc, CacheUnavailable):
-                        metrics.CONNECTED.labels("redis").set(0)
+                    metrics.CONNECTED.labels("redis").set(0 if isinstance(exc, CacheUnavailable) else 1)
+                    if not isinstance(exc, CacheUnavailable | StoreUnavailable | JournalError):
+                        metrics.ISOLATED.labels("keeper").inc()
+                        log.exception("cache keeper round failed unexpectedly; the next round starts over")
                     delay = backoff.delay(exc)
-                except Exception:
-                    self.current = False
-                    metrics.CACHE_CURRENT.set(0)
-                    metrics.ISOLATED.labels("keeper").inc()
-                    log.exception("cache keeper round failed unexpectedly; the next round starts over")
-                    delay = backoff.delay("unexpected error")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         finally:
@@ -106,23 +102,34 @@ class CacheKeeper:
             except StoreUnavailable as exc:
                 await asyncio.sleep(backoff.delay(exc))
 
-    async def round(self) -> bool:
-        """One round; True when it proved the view current (the lease renewed)."""
+    async def round(self, *, rebuild: bool = False) -> bool:
+        """One round (with `rebuild`, a rebuild from the store whatever the view's state); True when it proved the
+        view current (the lease renewed)."""
         self.current = False
         await self.reassert()
         with redis_errors("taking the keeper lock"):
             self._token = uuid.uuid4().hex
             if not await self._lock.acquire(token=self._token):
-                # Another process keeps the view this round.
-                self.current = await self._cache.is_current()
+                self.current = await self._cache.is_current()  # another process keeps the view this round
                 return False
         try:
-            self.current = await self._keep()
+            self.current = await self._keep(rebuild=rebuild)
         finally:
             with contextlib.suppress(CacheUnavailable), redis_errors("giving the keeper lock back"):
                 await self._lock.release()
         metrics.CACHE_CURRENT.set(1 if self.current else 0)
         return self.current
+
+    async def rebuild(self) -> int:
+        """`optout sync-cache`: a rebuild from the store now (waiting a few rounds for the lock). Returns how many
+        numbers the view holds, -1 when the lock could not be had or the rebuild was not swapped in."""
+        self._rebuilt = -1
+        for _ in range(40):
+            await self.round(rebuild=True)
+            if self._rebuilt >= 0:
+                return self._rebuilt
+            await asyncio.sleep(self._interval / 2)
+        return -1
 
     async def settle(self, upto: int, *, within: float = 10.0) -> bool:
         """Rounds until the view is current at `upto` or later (another process's keeper may do them)."""
@@ -143,19 +150,22 @@ class CacheKeeper:
         return len(held)
 
     # --- the lock holder's part -----------------------------------------------------------------------------
-    async def _keep(self) -> bool:
+    async def _keep(self, *, rebuild: bool) -> bool:
         view = await self._cache.view()
         if view.position is None or view.state in (ViewState.LOST, ViewState.REBUILDING):
             await self._rebuild(view)
             return False
         started = time.monotonic()
         store = await self._store.position(view.position.seq)
+        if rebuild and store.lineage_at == view.position.lineage:
+            await self._rebuild(view)
+            return False
         if store.lineage_at != view.position.lineage:
             log.critical("the store went back: the view holds it up to change %d, the store's head is change %d%s; "
                          "dialers ask the store until the view is rebuilt, and numbers the store lost are written "
                          "back to it", view.position.seq, store.head.seq,
                          "" if store.lineage_at is None else " and that change has another hash (another history)")
-            await self._cache.drop_lease()
+            await self._cache.hold_lease(self._grace_ms)
             await self._rebuild(view, recover=True)
             return False
         if self._seen is not None and view.position.seq < self._seen.seq:
@@ -185,7 +195,9 @@ class CacheKeeper:
                     log.info("cache keeper round abandoned: %s", done.value)
                     return False
                 self._seen = new
-                await self._note_visible(changes)
+                late = [(c.event_id, datetime.now(UTC)) for c in changes if c.op == "add" and not c.visible]
+                if late:  # a writer without Redis: note when the view showed it
+                    await self._store.record_visibility([(e, at) for e, at in late if e])
                 if final:
                     metrics.CACHE_BEHIND.set(0)
                     return done is Applied.DONE and lease_ms > 0
@@ -212,31 +224,7 @@ class CacheKeeper:
         stored = await self._store.stored(list(view.pending))
         return [event_id for event_id, seq in stored.items() if seq <= upto]
 
-    async def _note_visible(self, changes: Sequence[Change]) -> None:
-        late = [(c.event_id, datetime.now(UTC)) for c in changes if c.op == "add" and not c.visible and c.event_id]
-        if late:
-            await self._store.record_visibility(late)
-
     # --- rebuilds -----------------------------------------------------------------------------------------
-    async def rebuild(self) -> int:
-        """`optout sync-cache`: rebuild the view from the store now (waiting up to a few rounds for the lock).
-        Returns how many numbers it holds, -1 when the lock could not be had."""
-        for _ in range(40):
-            with redis_errors("taking the keeper lock"):
-                self._token = uuid.uuid4().hex
-                taken = await self._lock.acquire(token=self._token)
-            if taken:
-                try:
-                    view = await self._cache.view()
-                    store = await self._store.position(view.position.seq if view.position else None)
-                    went_back = view.position is not None and store.lineage_at != view.position.lineage
-                    return await self._rebuild(view, recover=went_back)
-                finally:
-                    with contextlib.suppress(CacheUnavailable), redis_errors("giving the keeper lock back"):
-                        await self._lock.release()
-            await asyncio.sleep(self._interval / 2)
-        return -1
-
     async def _rebuild(self, view: View, *, recover: bool = False) -> int:
         """Copy the store into `next` and swap it in at the head read before the copy (changes made meanwhile are
         applied by the next round: every change is idempotent). With `recover`, numbers the old view held that
@@ -255,7 +243,7 @@ class CacheKeeper:
         if done is not Applied.DONE:
             log.warning("Redis blacklist rebuild not swapped in (%s): the next round rebuilds it", done.value)
             return -1
-        self._seen = at
+        self._seen, self._rebuilt = at, total
         log.info("Redis blacklist rebuilt from the store: %d numbers (at change %d)", total, at.seq)
         return total
 

@@ -28,6 +28,7 @@ import enum
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 from hypothesis import HealthCheck, seed, settings
@@ -56,8 +57,14 @@ class Expect(enum.Enum):
 class Machine(RuleBasedStateMachine):
     kind = "postgres"
 
+    started = 0
+    """Histories begun in this process (the figure the checker prints, shrinking included)."""
+    first_violation = 0
+    """The history in which the first violation was found (0: none)."""
+
     def __init__(self) -> None:
         super().__init__()
+        Machine.started += 1
         self.loop = asyncio.new_event_loop()
         self.tmp = tempfile.TemporaryDirectory(prefix="optout-model-")
         self.sys = System(kind=self.kind, workdir=Path(self.tmp.name), pg_base=PG_BASE, redis_url=REDIS_URL,
@@ -77,6 +84,10 @@ class Machine(RuleBasedStateMachine):
         """Opted out after the backup a restore went back to: only the view holds them until a keeper recovers."""
         self.touched: set[str] = set()
         """Numbers some step opted out (the others must never be answered blacklisted)."""
+
+    def violation(self, message: str) -> AssertionError:
+        Machine.first_violation = Machine.first_violation or Machine.started
+        return AssertionError(message)
 
     def run(self, coro: object) -> object:
         return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
@@ -154,10 +165,7 @@ class Machine(RuleBasedStateMachine):
         self._refresh_held(k)
 
     def _refresh_held(self, k: int) -> None:
-        journal = self.sys.agents[k].journal
-        assert journal is not None
-        still = {n for _, n in self.run(journal.unstored_numbers())}  # type: ignore[attr-defined]
-        self.held[k] &= still
+        self.held[k] &= self.run(self.sys.unstored_numbers(self.sys.agents[k]))  # type: ignore[operator]
 
     def _redis_lost(self) -> None:
         self.view_intact = False
@@ -245,8 +253,9 @@ class Machine(RuleBasedStateMachine):
             self._refresh_held(k)
         for agent in every:
             depth = self.run(self.sys.unstored(agent))
-            assert depth == 0, f"liveness: {agent.name} still holds {depth} journaled opt-outs 20 s after its " \
-                               "store came back"
+            if depth:
+                raise self.violation(f"liveness: {agent.name} still holds {depth} journaled opt-outs 20 s after "
+                                     "its store came back")
         for _ in range(20):
             if all([self.run(self.sys.keeper_round(a)) for a in self.sys.agents]):
                 break
@@ -260,10 +269,11 @@ class Machine(RuleBasedStateMachine):
             for n, answer in zip(pool, answers, strict=True):  # type: ignore[call-overload]
                 want = self.final[n]
                 if want is Expect.LISTED:
-                    assert answer is True, (f"settled: {n} opted out but the check answers {answer} (strict={strict})"
-                                            f"\n{self.run(self.sys.describe(n))}")
-                elif want is Expect.CLEAR:
-                    assert answer is False, f"settled: {n} is not opted out but the check answers {answer}"
+                    if answer is not True:
+                        raise self.violation(f"settled: {n} opted out but the check answers {answer} (strict="
+                                             f"{strict})\n{self.run(self.sys.describe(n))}")
+                elif want is Expect.CLEAR and answer is not False:
+                    raise self.violation(f"settled: {n} is not opted out but the check answers {answer}")
         for n in NUMBERS:
             if self.final[n] is not Expect.ANY:
                 self.expect[n] = self.final[n]
@@ -280,12 +290,12 @@ class Machine(RuleBasedStateMachine):
             answers = self.run(self.sys.check(who, pool, strict=strict))
             for n, answer in zip(pool, answers, strict=True):  # type: ignore[call-overload]
                 if answer is True and n not in self.touched:
-                    raise AssertionError(f"{name}: {n} answered blacklisted, but nobody ever opted it out")
+                    raise self.violation(f"{name}: {n} answered blacklisted, but nobody ever opted it out")
                 if answer is not False or self.expect[n] is not Expect.LISTED:
                     continue
                 if n in self.exempt_all or (not strict and n in self.exempt_nonstrict):
                     continue
-                raise AssertionError(f"{name}: {n} answered clear, but its latest accepted action is an opt-out\n"
+                raise self.violation(f"{name}: {n} answered clear, but its latest accepted action is an opt-out\n"
                                      f"{self.run(self.sys.describe(n))}")
 
 
@@ -296,9 +306,16 @@ class SqliteMachine(Machine):
 def _run(machine: type[Machine], histories: int) -> None:
     chosen = int(os.environ.get("OPTOUT_MODEL_SEED") or random.randrange(1 << 32))
     print(f"\nmodel checker ({machine.kind}): seed {chosen} (rerun: OPTOUT_MODEL_SEED={chosen}), {histories} histories")
-    run_state_machine_as_test(seed(chosen)(machine), settings=settings(
-        max_examples=histories, stateful_step_count=int(os.environ.get("OPTOUT_MODEL_STEPS", "25")),
-        deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True))
+    Machine.started = Machine.first_violation = 0
+    begun = time.monotonic()
+    try:
+        run_state_machine_as_test(seed(chosen)(machine), settings=settings(
+            max_examples=histories, stateful_step_count=int(os.environ.get("OPTOUT_MODEL_STEPS", "25")),
+            deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True))
+    finally:
+        found = f", first violation in history {Machine.first_violation}" if Machine.first_violation else ""
+        print(f"model checker ({machine.kind}): {Machine.started} histories run in {time.monotonic() - begun:.0f} s"
+              f"{found}")
 
 
 HISTORIES = int(os.environ.get("OPTOUT_MODEL_HISTORIES", "12"))

@@ -189,6 +189,10 @@ class System:
         assert agent.journal is not None
         return await agent.journal.depth()
 
+    async def unstored_numbers(self, agent: Agent) -> set[str]:
+        assert agent.journal is not None
+        return {n for _, n in await agent.journal.unstored_numbers()}
+
     async def describe(self, number: str) -> str:
         """What Redis and the store hold about a number (for a failing history's message)."""
         from agent.constants import BLACKLIST_LEASE, BLACKLIST_SENTINEL, BLACKLIST_VIEW
