@@ -12,7 +12,7 @@ SECRETS := .run/secrets.env
 TEST_ENV := .run/test.env
 WITH_TEST_ENV := set -a && . ./$(TEST_ENV) && set +a &&
 
-.PHONY: install run test lint typecheck unit services browser asterisk faults bench bench-speech images clean
+.PHONY: install run test lint typecheck unit services browser asterisk faults soak bench bench-speech images clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ test: install services lint typecheck unit
 # killed, Asterisk restarted, SNS unreachable, SIGTERM in a burst. Each scenario prints a figure line.
 faults: install services asterisk
 	@$(WITH_TEST_ENV) OPTOUT_FAULTS=1 $(PY) -m pytest -q -rA tests/faults
+
+# The model checker (tests/test_model_checker.py) over many more histories than `make test` runs; it prints
+# its seed (OPTOUT_MODEL_SEED=... replays it) and, for a violation, the shrunk history.
+soak: install services
+	OPTOUT_MODEL_HISTORIES=$${OPTOUT_MODEL_HISTORIES:-400} $(PY) -m pytest -q -s -p no:logging tests/test_model_checker.py
 
 run: install $(SECRETS)
 	@bash asterisk-docker/run-local.sh
