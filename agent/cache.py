@@ -245,33 +245,28 @@ class RedisCache(Resource):
             await self.client.aclose()
 
     # --- writers: add only --------------------------------------------------------------------------------
-    async def write_optouts(self, records: Sequence[OptOutRecord], *, count: bool = True) -> list[datetime]:
+    async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[datetime]:
         """Make each opt-out visible to the dialers in one round trip: its pending field first (so a removal
         the keeper applies meanwhile already sees it), the number, its entry, its action record; then count
-        new ones per campaign. Returns when Redis confirmed each. `count=False` (a re-assertion) writes no
-        action record and counts nothing."""
+        new ones per campaign. Returns when Redis confirmed each."""
         pipe = self.client.pipeline(transaction=False)
         for record in records:
             if record.phone_number is not None:
                 pipe.hset(BLACKLIST_VIEW, PENDING_FIELD_PREFIX + record.event_id, record.phone_number)
                 pipe.sadd(BLACKLIST_SET, record.phone_number)
                 pipe.set(blacklist_entry_key(record.phone_number), record.entry().to_json(), nx=True)
-            if count:
-                pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
+            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
         with redis_errors("writing opt-outs"):
-            replies = await pipe.execute()
+            replies = iter(await pipe.execute())
             confirmed = datetime.now(UTC)
-            if count:
-                # A redelivered opt-out finds its action record already there: it is not counted again.
-                counters = self.client.pipeline(transaction=False)
-                index = 0
-                for record in records:
-                    index += 3 if record.phone_number is not None else 0
-                    if replies[index] and record.campaign_id is not None:
-                        counters.incr(campaign_counter_key(record.campaign_id))
-                    index += 1
-                if len(counters):
-                    await counters.execute()
+            # A redelivered opt-out finds its action record already there: it is not counted again.
+            counters = self.client.pipeline(transaction=False)
+            for record in records:
+                new = [next(replies) for _ in range(4 if record.phone_number is not None else 1)][-1]
+                if new and record.campaign_id is not None:
+                    counters.incr(campaign_counter_key(record.campaign_id))
+            if len(counters):
+                await counters.execute()
         return [confirmed] * len(records)
 
     async def assert_pending(self, held: Sequence[tuple[str, str]], *, chunk: int = 5000) -> None:
