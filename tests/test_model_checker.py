@@ -186,7 +186,7 @@ class Machine(RuleBasedStateMachine):
     @rule()
     def evict_set(self) -> None:
         self.run(self.sys.evict_set())
-        self.view_intact = False
+        self._redis_lost()
 
     @rule()
     def flush_redis(self) -> None:
