@@ -23,9 +23,10 @@ from agent import admin, logs
 from agent.constants import Source
 from agent.core import Core, open_core
 from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavailable
+from agent.journal import PARK_AFTER
 from agent.optout import TEXT_MAX, id_problem, text_problem
 from agent.phone import mask
-from agent.pipeline import Status
+from agent.pipeline import PipelineResult, Status
 from agent.settings import Settings
 from agent.store import RemoveResult
 
@@ -46,12 +47,15 @@ async def cmd_migrate(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CHECK_WORDS: dict[bool | None, str] = {True: "BLACKLISTED", False: "clear", None: "unknown (nobody can answer now)"}
+"""`optout check`'s answer per number: listed, proven clear, or nobody can answer (exit 2, never "clear")."""
+
+
 async def cmd_check(core: Core, args: argparse.Namespace) -> int:
     numbers = core.checker.normalise(args.numbers)
     answers = await core.checker.check(numbers, strict=True)
     for raw, e164, listed in zip(args.numbers, numbers, answers, strict=True):
-        word = "BLACKLISTED" if listed else ("clear" if listed is False else "unknown (nobody can answer now)")
-        print(f"{raw}\t{e164}\t{word}")
+        print(f"{raw}\t{e164}\t{CHECK_WORDS[listed]}")
     if any(answers):
         return EXIT_FOUND
     if any(a is None for a in answers):
@@ -61,15 +65,26 @@ async def cmd_check(core: Core, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+ADD_MESSAGES: dict[Status, tuple[int, str]] = {
+    Status.STORED: (EXIT_OK, "{outcome}"),
+    Status.DUPLICATE: (EXIT_OK, "already recorded (this event was seen before): nothing changed"),
+    Status.JOURNALED: (EXIT_ERROR, "journaled and in Redis; the store is unavailable, the agent's replayer stores it"),
+    Status.REFUSED: (EXIT_ERROR, f"journaled and in Redis, but the store REFUSED it; the agent's replayer retries "
+                                 f"it and parks it after {PARK_AFTER} refusals (`optout parked` lists it)"),
+}
+"""What `optout add` prints for each pipeline status, and its exit code (stderr when the code is not 0)."""
+
+
+def add_message(result: PipelineResult, shown: str) -> tuple[int, str]:
+    code, text = ADD_MESSAGES[result.status]
+    return code, f"{shown}: {text.format(outcome=result.outcome.value if result.outcome else '')}"
+
+
 async def cmd_add(core: Core, args: argparse.Namespace) -> int:
     result = await admin.add(core, args.number, source=Source(args.source), reason=args.reason, actor=_actor())
-    shown = _shown(result.record.phone_number or "", core.settings)
-    if result.status is Status.JOURNALED:
-        print(f"{shown}: journaled and in Redis; the store is unavailable, the agent's replayer stores it",
-              file=sys.stderr)
-        return EXIT_ERROR
-    print(f"{shown}: {result.outcome.value if result.outcome else result.status.value}")
-    return EXIT_OK
+    code, text = add_message(result, _shown(result.record.phone_number or "", core.settings))
+    print(text, file=sys.stdout if code == EXIT_OK else sys.stderr)
+    return code
 
 
 REMOVAL_MESSAGES = {

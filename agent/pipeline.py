@@ -48,7 +48,11 @@ class Status(Enum):
     STORED = "stored"
     """In the store (and, unless Redis failed, in Redis)."""
     JOURNALED = "journaled"
-    """Durable in the journal and visible in Redis; the store will have it once it answers again."""
+    """Durable in the journal and visible in Redis; the store was unavailable and will have it once it answers
+    again (the replayer stores it)."""
+    REFUSED = "refused"
+    """Durable in the journal and visible in Redis, but the store refused its data, even without its optional
+    fields: retried by the replayer, parked after PARK_AFTER refusals (`optout parked` lists it)."""
     DUPLICATE = "duplicate"
     """This event id was seen before; nothing changed."""
 
@@ -61,18 +65,23 @@ class PipelineResult:
     hangup: HangupInfo | None = None
 
 
+KEPT_WHEN_STRIPPED = frozenset({"source", "pressed_at", "journaled_at", "visible_at", "hangup"})
+"""Beyond the record's required fields, what a stripped record keeps: typed values the store holds as such."""
+
+
 def stripped(record: OptOutRecord, error: str) -> OptOutRecord:
-    """The opt-out without the fields the store could refuse: the number is never dropped for them. Every
-    optional field goes, the far end's hangup text included (its result keeps only its fixed label)."""
-    hangup = record.hangup
-    if hangup is not None:
-        hangup = hangup.model_copy(update={"result": metrics.hangup_label(hangup.result), "method": None})
-    return OptOutRecord(
-        event_id=record.event_id, phone_number=record.phone_number, origin=record.origin, source=record.source,
-        pressed_at=record.pressed_at, received_at=record.received_at, journaled_at=record.journaled_at,
-        visible_at=record.visible_at, hangup=hangup,
-        reason=f"{record.reason}; other fields dropped, the store refused them: {clean_text(error, 200)}",
-    )
+    """The opt-out without the fields the store could refuse: the number is never dropped for them. Derived
+    from the record type: every required field stays, every other one goes back to its default unless it is
+    in KEPT_WHEN_STRIPPED (so a field added later is dropped here, never carried unchecked); the far end's
+    hangup text goes too (its result keeps only its fixed label)."""
+    update: dict[str, object] = {
+        name: field.get_default(call_default_factory=True) for name, field in OptOutRecord.model_fields.items()
+        if not field.is_required() and name not in KEPT_WHEN_STRIPPED}
+    if record.hangup is not None:
+        update["hangup"] = record.hangup.model_copy(
+            update={"result": metrics.hangup_label(record.hangup.result), "method": None})
+    update["reason"] = f"{record.reason}; other fields dropped, the store refused them: {clean_text(error, 200)}"
+    return record.model_copy(update=update)
 
 
 def failure(exc: BaseException) -> str:
@@ -194,7 +203,7 @@ class OptOutPipeline:
             return PipelineResult(Status.JOURNALED, record, hangup=record.hangup)
         except StoreRejected as exc:
             await self._keep(record, str(exc), rejected=True)
-            return PipelineResult(Status.JOURNALED, record, hangup=record.hangup)
+            return PipelineResult(Status.REFUSED, record, hangup=record.hangup)
         await self.complete(record, stored)
         if stored.duplicate:
             return PipelineResult(Status.DUPLICATE, record, hangup=record.hangup)
@@ -205,7 +214,7 @@ class OptOutPipeline:
         try:
             await self.journal.replace(record)
             if await self.journal.mark_failed(record.event_id, error, rejected=rejected):
-                parked(record, error)
+                log_parked(record, error)
         except JournalError as exc:
             log.error("could not note the failed store attempt in the journal: %s", exc)
 
@@ -303,7 +312,7 @@ async def _value(info: HangupInfo | None) -> HangupInfo | None:
     return info
 
 
-def parked(record: OptOutRecord, error: str) -> None:
+def log_parked(record: OptOutRecord, error: str) -> None:
     log.error("opt-out %s parked: the store refused it %d times (%s); it stays in the journal, visible to "
               "the dialers, and `optout parked` lists it", record.event_id, PARK_AFTER, error,
               extra={"event_id": record.event_id})
@@ -372,7 +381,7 @@ class Replayer:
                 failed.add(record.event_id)  # once per pass: the next pass retries it
                 self._note_failure(record, failure(res))
                 if await journal.mark_failed(record.event_id, failure(res), rejected=True):
-                    parked(record, failure(res))
+                    log_parked(record, failure(res))
             log.info("replayed %d journaled opt-outs into the store", done)
 
     def _note_failure(self, record: OptOutRecord, error: str) -> None:

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from agent.constants import BLACKLIST_LEASE, BLACKLIST_SENTINEL, BLACKLIST_SET
-from tests.conftest import PG_BASE
+from agent import cli
+from agent.constants import BLACKLIST_LEASE, BLACKLIST_SENTINEL, BLACKLIST_SET, Outcome
+from agent.pipeline import PipelineResult, Status
+from agent.store import RemoveResult
+from tests.conftest import PG_BASE, make_record
 
 
 @pytest.fixture
@@ -192,3 +195,35 @@ def test_check_with_the_store_down_answers_from_what_redis_proves(env: dict[str,
     assert listed.returncode == 1 and listed.stdout.rstrip().endswith("BLACKLISTED"), listed.stderr
     unknown = optout(down, "check", "0521234567")
     assert unknown.returncode == 2 and "clear" not in unknown.stdout
+
+
+# --- every outcome's message, pinned: a new status or result without its line fails here ---------------------
+ADD_LINES = {
+    (Status.STORED, Outcome.BLACKLISTED): (0, "050***67: blacklisted"),
+    (Status.STORED, Outcome.ALREADY_BLACKLISTED): (0, "050***67: already_blacklisted"),
+    (Status.DUPLICATE, None): (0, "050***67: already recorded (this event was seen before): nothing changed"),
+    (Status.JOURNALED, None): (2, "050***67: journaled and in Redis; the store is unavailable, the agent's replayer "
+                                  "stores it"),
+    (Status.REFUSED, None): (2, "050***67: journaled and in Redis, but the store REFUSED it; the agent's replayer "
+                                "retries it and parks it after 3 refusals (`optout parked` lists it)"),
+}
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_optout_add_says_what_happened_for_every_status(status: Status) -> None:
+    cases = {key: line for key, line in ADD_LINES.items() if key[0] is status}
+    assert cases, f"no pinned message for {status}"
+    for (_, outcome), line in cases.items():
+        result = PipelineResult(status, make_record(), outcome)
+        assert cli.add_message(result, "050***67") == line
+
+
+def test_optout_remove_and_check_say_what_happened_for_every_result() -> None:
+    assert {r: cli.REMOVAL_MESSAGES[r] for r in RemoveResult} == {
+        RemoveResult.REMOVED: "removed (audited)",
+        RemoveResult.NOT_LISTED: "was not on the blacklist",
+        RemoveResult.OPTED_OUT_SINCE: "NOT removed: it opted out again after this removal was asked for (the newer "
+                                      "opt-out wins)",
+    }
+    assert cli.CHECK_WORDS == {True: "BLACKLISTED", False: "clear", None: "unknown (nobody can answer now)"}
+

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -21,7 +22,7 @@ from agent.constants import BLACKLIST_SET, Origin, action_key, blacklist_entry_k
 from agent.journal import Journal
 from agent.keeper import CacheKeeper
 from agent.optout import HangupInfo, OptOutEvent, OptOutRecord, record_from_event
-from agent.pipeline import OptOutPipeline, Replayer, Status
+from agent.pipeline import KEPT_WHEN_STRIPPED, OptOutPipeline, Replayer, Status, stripped
 from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
 from tests.conftest import PG_BASE, make_record, with_schema
@@ -266,7 +267,7 @@ async def test_a_record_the_store_keeps_refusing_is_parked_and_blocks_nothing(
 ) -> None:
     bad = poisoned("+97250999\x009999")  # not even the number can be stored
     first = await pipeline.submit(bad)
-    assert first.status is Status.JOURNALED
+    assert first.status is Status.REFUSED, "a refusal is not an outage: the CLI must not say 'store unavailable'"
     later = [make_record(f"+9725012{i:05d}") for i in range(5)]
     for rec in later:
         await pipeline.journal.append(rec)  # queued behind it, as after a restart
@@ -405,3 +406,20 @@ async def test_retention_prunes_only_rows_stored_and_published(tmp_path: Path) -
         assert await j.prune(timedelta(0)) == 1
         assert {r.event_id for r in await j.unpublished()} == {unpublished.event_id, unstored.event_id}
         assert await j.depth() == 1
+
+
+def test_stripped_keeps_the_required_fields_and_the_timings_and_drops_every_other_field() -> None:
+    rec = make_record().model_copy(update={
+        "source_event_id": "producer-1", "raw_number": "050-123", "digit": "9", "actor": "ops",
+        "channel": {"name": "PJSIP/x"}, "hangup": HangupInfo(method="ari", result="error: the far end said x"),
+        "journaled_at": datetime.now(UTC), "visible_at": datetime.now(UTC)})
+    out = stripped(rec, "bad byte")
+    for name, field in OptOutRecord.model_fields.items():
+        if name in ("reason", "hangup"):
+            continue
+        if field.is_required() or name in KEPT_WHEN_STRIPPED:
+            assert getattr(out, name) == getattr(rec, name), name
+        else:
+            assert getattr(out, name) == field.get_default(call_default_factory=True), name
+    assert out.hangup is not None and out.hangup.result == "error" and out.hangup.method is None
+    assert out.reason.endswith("other fields dropped, the store refused them: bad byte")
