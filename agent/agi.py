@@ -59,7 +59,7 @@ from agent.constants import Origin
 from agent.errors import AgiProtocolError, TelephonyError
 from agent.guard import DialGuard, Verdict
 from agent.intake import Intake
-from agent.lifecycle import Resource
+from agent.lifecycle import Resource, within
 from agent.optout import HangupInfo
 from agent.telephony import CHANNEL_VARS, REMOTE_URI, REQUEST_URI, ChannelFacts, dialled_number, known
 
@@ -245,7 +245,7 @@ class GuardedApplication(Application):  # type: ignore[misc] # panoramisk ships 
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await within(writer.wait_closed(), 1.0)
             self.connections.discard(task)
 
     def _make_room(self) -> None:
@@ -294,8 +294,8 @@ async def command(request: AgiRequest, line: str, *, timeout: float) -> dict[str
     """Send one AGI command; its parsed `200` result. Raises AgiProtocolError on a failure or a closed socket."""
     try:
         if request.owed:
-            await asyncio.wait_for(request.settle(), timeout)
-        result = await asyncio.wait_for(request.exchange(line), timeout)
+            await within(request.settle(), timeout)
+        result = await within(request.exchange(line), timeout)
     except ValueError as exc:  # an unparsable reply line
         raise AgiProtocolError(f"unreadable reply to {line.split()[0]}") from exc
     except TimeoutError as exc:
@@ -433,7 +433,7 @@ class AgiServer(Resource):
                 await asyncio.wait(list(self._app.connections), timeout=2.0)
         if server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await within(server.wait_closed(), 2.0)
 
     # --- optout ----------------------------------------------------------------------------------
     async def _optout(self, request: AgiRequest) -> None:

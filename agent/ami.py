@@ -35,7 +35,7 @@ from agent.backoff import Backoff
 from agent.constants import Origin
 from agent.errors import TelephonyError
 from agent.intake import Intake
-from agent.lifecycle import Resource
+from agent.lifecycle import Resource, within
 from agent.optout import HangupInfo
 from agent.telephony import CHANNEL_VARS, REMOTE_URI, REQUEST_URI, ChannelFacts, dialled_number, known
 
@@ -170,7 +170,7 @@ class AmiAgent(Resource):
         for name in HANGUP_EVENTS:
             manager.register_event(name, self._on_hangup)
         self._manager = manager
-        await asyncio.wait_for(manager.connect(), self._timeout)
+        await within(manager.connect(), self._timeout)
         deadline = time.monotonic() + self._timeout
         while not manager.authenticated:
             if manager.lost.is_set() or time.monotonic() > deadline:
@@ -182,14 +182,14 @@ class AmiAgent(Resource):
         log.info("AMI connected", extra={"host": self._host, "port": self._port})
         while not self._closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(manager.lost.wait(), self._ping_interval)
+                await within(manager.lost.wait(), self._ping_interval)
             if manager.lost.is_set():
                 raise TelephonyError("AMI connection lost")
             await self._ping(manager)
 
     async def _ping(self, manager: _Manager) -> None:
         try:
-            reply = await asyncio.wait_for(manager.send_action({"Action": "Ping"}), self._timeout)
+            reply = await within(manager.send_action({"Action": "Ping"}), self._timeout)
         except TimeoutError as exc:
             raise TelephonyError(f"AMI did not answer Ping within {self._timeout}s") from exc
         if not reply.success:
@@ -234,7 +234,7 @@ class AmiAgent(Resource):
         if manager is None:
             return None
         try:
-            reply = await asyncio.wait_for(
+            reply = await within(
                 manager.send_action({"Action": "Getvar", "Channel": channel, "Variable": name}), self._timeout)
         except (TimeoutError, OSError) as exc:
             log.debug("AMI Getvar %s failed: %s", name, exc)
@@ -259,7 +259,7 @@ class AmiAgent(Resource):
         try:
             if manager is None:
                 raise TelephonyError("AMI is not connected")
-            reply = await asyncio.wait_for(
+            reply = await within(
                 manager.send_action({"Action": "Hangup", "Channel": channel, "Cause": "16"}), self._timeout
             )
         except (TelephonyError, TimeoutError, OSError) as exc:

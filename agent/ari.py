@@ -35,7 +35,7 @@ from agent.backoff import Backoff
 from agent.constants import Origin
 from agent.errors import TelephonyError
 from agent.intake import Intake
-from agent.lifecycle import Resource
+from agent.lifecycle import Resource, within
 from agent.optout import HangupInfo
 from agent.telephony import CHANNEL_VARS, REMOTE_URI, REQUEST_URI, ChannelFacts, dialled_number, parse_ari_time
 
@@ -323,7 +323,7 @@ class AriAgent(Resource):
         received_at = datetime.now(UTC)
         dialled = None
         try:
-            dialled = await asyncio.wait_for(asyncio.shield(chan.lookup), LOOKUP_WAIT)
+            dialled = await within(asyncio.shield(chan.lookup), LOOKUP_WAIT)
         except TimeoutError:
             pass
         except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from typing import Any
 from agent import metrics
 from agent.constants import Origin, Outcome
 from agent.errors import InvalidPhoneNumber, OptOutError
+from agent.lifecycle import within
 from agent.optout import clean_id
 from agent.phone import mask
 from agent.precheck import BlacklistChecker
@@ -87,7 +88,7 @@ class DialGuard:
         except InvalidPhoneNumber as exc:
             return GuardAnswer(Verdict.INVALID, problem=f"field {field}: {exc.problem}")
         try:
-            [answer] = await asyncio.wait_for(self._checker.check([number]), self._timeout)
+            [answer] = await within(self._checker.check([number]), self._timeout)
         except (OptOutError, TimeoutError) as exc:
             log.error("pre-dial check of %s could not be answered: %s", mask(number), str(exc) or type(exc).__name__)
             answer = None

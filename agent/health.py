@@ -20,6 +20,7 @@ from datetime import timedelta
 from agent import metrics
 from agent.core import Core
 from agent.errors import JournalError, OptOutError
+from agent.lifecycle import within
 
 log = logging.getLogger("agent.health")
 
@@ -59,7 +60,7 @@ class Health:
     async def check(self) -> None:
         await self._core.journal.probe()
         try:
-            await asyncio.wait_for(self._core.store.ping(), self._interval)
+            await within(self._core.store.ping(), self._interval)
             ok = True
         except (OptOutError, TimeoutError) as exc:
             if self.store_ok:

@@ -28,6 +28,7 @@ from typing import Any
 from agent import metrics
 from agent.constants import Origin
 from agent.errors import JournalError
+from agent.lifecycle import within
 from agent.optout import HangupInfo, OptOutRecord, SpeechEvidence, call_event_id
 from agent.phone import mask
 from agent.pipeline import HangUp, OptOutPipeline
@@ -198,9 +199,9 @@ class Intake:
             seen = self._confirmations.get(uniqueid)
             if hungup_at is None and info.ok and seen is not None:
                 with contextlib.suppress(TimeoutError):
-                    hungup_at = await asyncio.wait_for(asyncio.shield(seen), self._confirm_within)
+                    hungup_at = await within(asyncio.shield(seen), self._confirm_within)
             with contextlib.suppress(TimeoutError):  # other calls' hangups go out before this one is stored
-                await asyncio.wait_for(self._no_hangup_in_flight.wait(), self._hangups_first_within)
+                await within(self._no_hangup_in_flight.wait(), self._hangups_first_within)
             return info.model_copy(update={"hungup_at": hungup_at})
 
         try:
@@ -213,7 +214,7 @@ class Intake:
             try:
                 if not sent:  # a duplicate, or the pipeline never got to it: the caller pressed the digit
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(send(), 2.0)
+                        await within(send(), 2.0)
             finally:
                 self._confirmations.pop(uniqueid, None)
                 if not hung_up.done():

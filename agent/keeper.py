@@ -34,6 +34,7 @@ from agent.cache import Applied, RedisCache, View, ViewState, redis_errors
 from agent.constants import Origin, Source
 from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
 from agent.journal import Journal
+from agent.lifecycle import within
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import Change, Position, Store
 
@@ -86,7 +87,7 @@ class CacheKeeper:
                         log.exception("cache keeper round failed unexpectedly; the next round starts over")
                     delay = backoff.delay(exc)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    await within(self._wake.wait(), delay)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,8 +5,21 @@ Subclasses override `open()` when they have something to open, and `close()`, wh
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`asyncio.wait_for`, minus Python 3.11's lost cancellation: when what it awaits finishes just as the task
+    is cancelled, 3.11's wait_for returns the result and the cancellation is gone, so a loop told to stop
+    runs on forever (tests/test_lifecycle.py shows it). `asyncio.timeout` keeps the cancellation, as 3.12's
+    wait_for does. Raises TimeoutError. (`asyncio.wait_for` is banned in agent/ and sns_bridge/ by ruff.)"""
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 class Resource:

@@ -32,6 +32,7 @@ from agent.cache import RedisCache
 from agent.constants import Outcome
 from agent.errors import CacheUnavailable, JournalError, StoreRejected, StoreUnavailable
 from agent.journal import PARK_AFTER, AppendResult, Journal
+from agent.lifecycle import within
 from agent.optout import HangupInfo, OptOutRecord, clean_text
 from agent.phone import mask
 from agent.store import Store, StoreResult
@@ -149,7 +150,7 @@ class OptOutPipeline:
 
     async def _hang_up(self, hang_up: HangUp, origin: str) -> HangupInfo:
         try:
-            info = await asyncio.wait_for(hang_up(), self._hangup_timeout)
+            info = await within(hang_up(), self._hangup_timeout)
         except TimeoutError:
             info = HangupInfo(method="unknown", result="timeout")
         except Exception as exc:  # noqa: BLE001 - a failed hangup must not lose the opt-out
@@ -350,7 +351,7 @@ class Replayer:
                 delay = backoff.delay(failure(exc))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await within(self._wake.wait(), delay)
 
     async def drain(self) -> int:
         """Store every journaled record not in flight and not parked; returns how many were stored.

@@ -35,7 +35,7 @@ from agent.backoff import Backoff
 from agent.constants import EVENT_TYPE_NUMBER_UNKNOWN, EVENT_TYPE_OPTOUT, SNS_ORIGIN_ATTRIBUTE, Origin
 from agent.errors import PublishUnavailable
 from agent.journal import Journal
-from agent.lifecycle import Resource
+from agent.lifecycle import Resource, within
 from agent.optout import OptOutRecord, clean_text
 
 log = logging.getLogger("agent.publisher")
@@ -130,7 +130,7 @@ class SnsPublisher(Resource):
                 continue
             backoff.reset()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await within(self._wake.wait(), self._poll_interval)
 
     async def publish_one(self, message: dict[str, Any], event_type: str) -> bool:
         """Publish one message outside the outbox, once (speech candidates: their audit row is the durable

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 
 from agent.errors import TelephonyError
-from agent.lifecycle import Resource
+from agent.lifecycle import Resource, within
 from agent.telephony import parse_ari_time
 
 log = logging.getLogger("agent.testcall")
@@ -78,7 +78,7 @@ class CallObserver(Resource):
         self._session = aiohttp.ClientSession(headers=self._headers)
         ws_url = self._base.replace("http", "ws", 1) + "/ari/events"
         try:
-            self._ws = await asyncio.wait_for(self._session.ws_connect(
+            self._ws = await within(self._session.ws_connect(
                 ws_url, params={"app": self._app, "subscribeAll": "true"}, heartbeat=20
             ), self._connect_timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -127,7 +127,7 @@ class CallObserver(Resource):
     async def wait(self, result: CallResult, timeout: float) -> CallResult:  # noqa: ASYNC109 - a plain deadline
         """Wait until the IVR leg is gone, or `timeout` seconds."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(result.done.wait(), timeout)
+            await within(result.done.wait(), timeout)
         return result
 
     async def hangup_all(self, result: CallResult) -> None:

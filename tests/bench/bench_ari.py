@@ -35,8 +35,10 @@ import redis.asyncio as aioredis
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from agent.store_postgres import PostgresStore  # noqa: E402
 from agent.testcall import CallObserver, CallResult  # noqa: E402
 from tests.bench.common import machine, pct, summary  # noqa: E402
+from tests.bench.report_screenshot import render  # noqa: E402
 
 PG = os.environ.get("DATABASE_URL_TEST", "postgresql://postgres@127.0.0.1:5432/optout_test")
 REDIS = os.environ.get("REDIS_URL_TEST", "redis://127.0.0.1:6379/15")
@@ -301,6 +303,11 @@ async def main(paced_calls: int = 100, calls: int = 500, in_flight: int = 50, bu
             results[f"burst: {burst_size} presses at once, {rounds} rounds"] = {"agent": agent_b, "bare": bare_b}
             stop.set()
             await watcher
+        agent.stop()
+        # The README's report picture: the compliance report of the calls this run made (measured figures).
+        async with PostgresStore(env["DATABASE_URL"]) as store:
+            await render(store, RESULTS / "report.png", height=1800,
+                         title=f"Compliance report of bench_ari.py's own SIP calls, {machine()}")
     finally:
         agent.stop()
         bare.stop()

@@ -1,7 +1,9 @@
-"""Render a demo compliance report (a temporary SQLite store filled with generated opt-outs, prevented calls
-and removals) and screenshot it in headless Chromium, for the README:
+"""Render the compliance report of a store and screenshot it in headless Chromium. `bench_ari.py` calls
+`render` on the store its own SIP calls went into (tests/bench/results/report.png, the README's picture:
+measured figures). Run as a script, it renders DEMO data (a temporary SQLite store filled with generated
+opt-outs, prevented calls and removals; the page's title says so), e.g. to look at the layout:
 
-    .venv/bin/python tests/bench/report_screenshot.py docs/report.png [--html docs/report.html] [--days 30]
+    .venv/bin/python tests/bench/report_screenshot.py /tmp/demo.png [--html /tmp/demo.html] [--days 30]
 
 Installs Chromium with tests/chromium.sh where it is missing. Prints the report's headline figures.
 """
@@ -89,6 +91,24 @@ async def verify(store: Store) -> ChainReport:
     return verifier.report()
 
 
+async def render(store: Store, png: Path, *, title: str, html: Path | None = None, width: int = 1100,
+                 height: int = 2600) -> report.ReportData:
+    """Screenshot `store`'s whole report into `png` (and keep the page in `html`); prints its headline figures."""
+    data = await report.collect(store, since=None, until=None, campaign=None)
+    page = report.render_html(data, await verify(store), generated_at=datetime.now(UTC), title=title)
+    with tempfile.TemporaryDirectory(prefix="report-") as tmp:
+        target = html or Path(tmp) / "report.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(page, encoding="utf-8")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(target, png, width=width, height=height)
+    print(f"report: {data.optout_total} opt-outs, {data.prevented_total} prevented, {data.removed_total} removed; "
+          f"hangup p50 {report.fmt_ms(data.hangup.percentile(50))} p99 {report.fmt_ms(data.hangup.percentile(99))}; "
+          f"visible p50 {report.fmt_ms(data.visible.percentile(50))} p99 {report.fmt_ms(data.visible.percentile(99))}"
+          f"; screenshot: {png}")
+    return data
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("png", type=Path)
@@ -101,18 +121,8 @@ async def main() -> None:
         async with SqliteStore(Path(tmp) / "demo.db") as store:
             await store.migrate()
             await fill(store, days=args.days, rng=random.Random(2024))
-            data = await report.collect(store, since=None, until=None, campaign=None)
-            chain = await verify(store)
-        page = report.render_html(data, chain, generated_at=datetime.now(UTC), title="Opt-out compliance report")
-        html = args.html or Path(tmp) / "report.html"
-        html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(page, encoding="utf-8")
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        browser.screenshot(html, args.png, width=args.width, height=args.height)
-    print(f"{data.optout_total} opt-outs, {data.prevented_total} prevented, {data.removed_total} removed; "
-          f"hangup p50 {report.fmt_ms(data.hangup.percentile(50))} p99 {report.fmt_ms(data.hangup.percentile(99))}; "
-          f"visible p50 {report.fmt_ms(data.visible.percentile(50))} p99 {report.fmt_ms(data.visible.percentile(99))}")
-    print(f"screenshot: {args.png}")
+            await render(store, args.png, html=args.html, width=args.width, height=args.height,
+                         title="DEMO DATA (generated, not measured): opt-out compliance report")
 
 
 if __name__ == "__main__":
