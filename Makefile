@@ -60,7 +60,7 @@ faults: install services asterisk
 # The model checker (tests/test_model_checker.py) over many more histories than `make test` runs; it prints
 # its seed (OPTOUT_MODEL_SEED=... replays it) and, for a violation, the shrunk history.
 soak: install services
-	OPTOUT_MODEL_HISTORIES=$${OPTOUT_MODEL_HISTORIES:-400} $(PY) -m pytest -q -s -p no:logging tests/test_model_checker.py
+	OPTOUT_MODEL_HISTORIES=$${OPTOUT_MODEL_HISTORIES:-400} $(PY) -m pytest -q -s -p no:logging -o timeout=0 tests/test_model_checker.py
 
 run: install $(SECRETS)
 	@bash asterisk-docker/run-local.sh
