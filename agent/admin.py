@@ -26,7 +26,7 @@ from agent.errors import CacheUnavailable, InvalidInput, OptOutError
 from agent.optout import OptOutRecord
 from agent.phone import normalise, normalise_many
 from agent.pipeline import PipelineResult
-from agent.store import ImportMark, Removal, RemoveResult
+from agent.store import ActionRow, ImportMark, Removal, RemoveResult
 
 PHONE_COLUMNS = ("phonenumber", "phone_number", "phone", "number", "msisdn", "e164")
 MAX_FIELD = 256
@@ -407,54 +407,37 @@ async def export_audit_csv(
         return
     rows: list[list[Any]] = []
     async for row in core.store.actions(campaign_id=campaign_id, number_prefix=number_prefix):
-        if row.get("visible_at") is None and row.get("cache_visible_at") is not None:
-            row = {**row, "visible_at": row["cache_visible_at"]}
-        rows.append([row.get(c) for c in AUDIT_COLUMNS])
+        cells = row.columns() | {"visible_at": row.seen_at}
+        rows.append([cells[c] for c in AUDIT_COLUMNS])
         if len(rows) == 1000:
             yield csvsafe.rows_csv(rows)
             rows.clear()
     yield csvsafe.rows_csv(rows)
 
 
-def _when(value: object) -> datetime | None:
-    if isinstance(value, datetime):
-        return value
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
-def timeline(row: dict[str, Any]) -> list[tuple[str, datetime]]:
+def timeline(row: ActionRow) -> list[tuple[str, datetime]]:
     """The moments of one audit row, in time order: press, journal, hangup, visibility, store."""
-    asterisk = row.get("origin") in ("ari", "ami")
-    hangup = f"hangup requested ({row.get('hangup_method')}: {row.get('hangup_result')})"
+    asterisk = row.origin in ("ari", "ami")
     steps = [
-        ("pressed (Asterisk's clock)" if asterisk else "pressed", row.get("pressed_at")),
-        ("received by the agent", row.get("received_at")),
-        ("journaled", row.get("journaled_at")),
-        (hangup, row.get("hangup_requested_at")),
-        ("hung up (Asterisk's clock)" if asterisk else "hung up", row.get("hungup_at")),
-        ("visible to the dialers (Redis confirmed)", row.get("visible_at")),
-        ("visible to the dialers (cache sync applied it)", row.get("cache_visible_at")),
-        ("stored", row.get("recorded_at")),
+        ("pressed (Asterisk's clock)" if asterisk else "pressed", row.pressed_at),
+        ("received by the agent", row.received_at),
+        ("journaled", row.journaled_at),
+        (f"hangup requested ({row.hangup_method}: {row.hangup_result})", row.hangup_requested_at),
+        ("hung up (Asterisk's clock)" if asterisk else "hung up", row.hungup_at),
+        ("visible to the dialers (Redis confirmed)", row.visible_at),
+        ("visible to the dialers (cache sync applied it)", row.cache_visible_at),
+        ("stored", row.recorded_at),
     ]
-    moments = [(label, when) for label, value in steps if (when := _when(value)) is not None]
-    return sorted(moments, key=lambda m: m[1])
+    return sorted(((label, when) for label, when in steps if when is not None), key=lambda m: m[1])
 
 
-def format_timeline(row: dict[str, Any], shown_number: str) -> str:
+def format_timeline(row: ActionRow, shown_number: str) -> str:
     """One action as a readable timeline (times relative to its first moment)."""
     moments = timeline(row)
-    head = (f"{row.get('outcome')} {shown_number} via {row.get('origin')}"
-            f" call {row.get('call_id') or '-'} campaign {row.get('campaign_id') or '-'}"
-            f" event {row.get('event_id')}")
-    lines = [head]
-    if row.get("actor") or row.get("reason"):
-        lines.append(f"    by {row.get('actor') or '-'}: {row.get('reason') or ''}")
+    lines = [f"{row.outcome} {shown_number} via {row.origin} call {row.call_id or '-'}"
+             f" campaign {row.campaign_id or '-'} event {row.event_id}"]
+    if row.actor or row.reason:
+        lines.append(f"    by {row.actor or '-'}: {row.reason or ''}")
     if moments:
         start = moments[0][1]
         for label, when in moments:
@@ -467,6 +450,6 @@ async def verify_chain(core: Core, *, expected_head: str | None = None) -> Chain
     """Walk the whole audit chain (see agent/audit.py)."""
     verifier = ChainVerifier(expected_head=expected_head)
     async for row in core.store.chain_rows():
-        if not verifier.feed(row):
+        if not verifier.feed(row.columns()):
             break
     return verifier.report()

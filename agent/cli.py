@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ async def cmd_history(core: Core, args: argparse.Namespace) -> int:
     [e164] = core.checker.normalise([args.number])
     rows = await core.store.history(e164)
     for row in rows:
-        print(json.dumps(row, default=str) if args.json else admin.format_timeline(row, _shown(e164, core.settings)))
+        shown = _shown(e164, core.settings)
+        print(json.dumps(asdict(row), default=str) if args.json else admin.format_timeline(row, shown))
     if not rows:
         print(f"no actions recorded for {_shown(e164, core.settings)}", file=sys.stderr)
     return EXIT_OK

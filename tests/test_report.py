@@ -88,7 +88,7 @@ async def build(store: Store) -> None:
 async def verified(store: Store) -> ChainReport:
     verifier = ChainVerifier()
     async for row in store.chain_rows():
-        if not verifier.feed(row):
+        if not verifier.feed(row.columns()):
             break
     return verifier.report()
 
