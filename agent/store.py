@@ -372,9 +372,9 @@ class Store(Resource, ABC):
     def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
         """Stream the blacklist in batches."""
 
-    @abstractmethod
     async def head(self) -> int:
         """The change sequence: the id of the newest audit row (0 when there is none)."""
+        return (await self.position()).head.seq
 
     @abstractmethod
     async def position(self, at: int | None = None) -> StorePosition:
@@ -396,13 +396,6 @@ class Store(Resource, ABC):
     @abstractmethod
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
         """Note when the cache made opt-outs visible whose writer could not (event id, time)."""
-
-    async def import_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
-    ) -> int:
-        """Add E.164 numbers in bulk (admin import), each new one audited; returns how many were new."""
-        batch = await self.import_batch(numbers, added_at=added_at, reason=reason, source=source, actor=actor)
-        return len(batch.added)
 
     @abstractmethod
     async def import_batch(

@@ -435,12 +435,6 @@ class PostgresStore(Store):
                     for r in rows
                 ]
 
-    async def head(self) -> int:
-        async with self._tx() as conn:
-            cur = await conn.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
-
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
         async with self._tx() as conn:
             cur = await conn.execute(CHANGES_SQL.format(m="%s"), (after, upto, limit))
@@ -462,22 +456,17 @@ class PostgresStore(Store):
     async def watch(self) -> AsyncIterator[None]:
         """LISTEN on the channel a statement trigger on the audit trail notifies at every commit."""
         try:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=3,
-                                                         keepalives=1, keepalives_idle=5, keepalives_interval=2,
-                                                         keepalives_count=3)
-        except psycopg.Error as exc:
+            async with await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=3, keepalives=1, keepalives_idle=5,
+                    keepalives_interval=2, keepalives_count=3) as conn:
+                await conn.execute(f"LISTEN {CHANGE_NOTIFY_CHANNEL}")
+                while True:
+                    async for _ in conn.notifies(timeout=5.0, stop_after=1):
+                        yield
+                    # No news within the timeout: prove the connection still works.
+                    await conn.execute("SELECT 1")
+        except psycopg.Error as exc:  # any failure to listen is the watch lost, whatever its cause
             raise StoreUnavailable(f"{self.location}: cannot listen for changes: {exc}") from exc
-        try:
-            await conn.execute(f"LISTEN {CHANGE_NOTIFY_CHANNEL}")
-            while True:
-                async for _ in conn.notifies(timeout=5.0, stop_after=1):
-                    yield
-                # No news within the timeout: prove the connection still works.
-                await conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"{self.location}: listening for changes failed: {exc}") from exc
-        finally:
-            await conn.close()
 
     async def history(self, phone_number: str) -> list[ActionRow]:
         async with self._tx() as conn:

@@ -314,10 +314,6 @@ class SqliteStore(Store):
                 for r in rows
             ]
 
-    async def head(self) -> int:
-        return await self._run(lambda c: int(c.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
-                                               .fetchone()[0]))
-
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
         rows = await self._run(lambda c: c.execute(CHANGES_SQL.format(m="?"), (after, upto, limit)).fetchall())
         return [change_of((*r[:3], _when(r[3]), *r[4:9], _when(r[9]), *r[10:])) for r in rows]

@@ -128,8 +128,9 @@ async def test_redelivered_event_after_removal_does_not_relist(store: Store) -> 
 async def test_import_adds_new_numbers_and_audits_each(store: Store) -> None:
     await store.write([make_record("+972501234567")])
     numbers = ["+972501234567", "+972501234568", "+972501234569", "+972501234569"]
-    assert await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="imported",
-                                      source=Source.ADMIN_IMPORT, actor="bob") == 2
+    batch = await store.import_batch(numbers, added_at=datetime.now(UTC), reason="imported",
+                                     source=Source.ADMIN_IMPORT, actor="bob")
+    assert len(batch.added) == 2 and batch.last_seq == batch.after_seq + 2
     assert len(await store.blacklisted(numbers)) == 3
     [row] = await store.history("+972501234568")
     assert row.origin == "admin" and row.actor == "bob"
@@ -147,7 +148,7 @@ async def test_audit_export_filters_by_campaign_and_prefix(store: Store) -> None
 
 async def test_entries_stream_in_batches(store: Store) -> None:
     numbers = [f"+97250{i:07d}" for i in range(2500)]
-    await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE, actor="t")
+    await store.import_batch(numbers, added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE, actor="t")
     batches = [b async for b in store.entries(batch_size=1000)]
     assert [len(b) for b in batches] == [1000, 1000, 500]
 
@@ -211,7 +212,7 @@ async def test_chain_covers_every_kind_of_write(store: Store) -> None:
     await store.write([make_record("+972501234567"), make_record("+972501234568")])
     await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC),
                                seen_seq=await store.head()))
-    await store.import_numbers(["+14155550123"], added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE,
+    await store.import_batch(["+14155550123"], added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE,
                                actor="bob")
     now = datetime.now(UTC)
     await store.append_action(admin_row(event_id="prevented-1", phone_number="+972501234568",
