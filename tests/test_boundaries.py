@@ -486,18 +486,18 @@ async def hostile_trail(core: Any) -> list[str]:
 async def test_every_csv_the_product_writes_opens_as_text_in_a_spreadsheet(
     core: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from agent import admin, report
+    from agent import bulk, report
 
     numbers = await hostile_trail(core)
     outputs: dict[str, bytes] = {}
-    outputs["export"] = b"".join([c async for c in admin.export_csv(core)])
-    outputs["export --audit"] = b"".join([c async for c in admin.export_audit_csv(core, campaign_id=None,
+    outputs["export"] = b"".join([c async for c in bulk.export_csv(core)])
+    outputs["export --audit"] = b"".join([c async for c in bulk.export_audit_csv(core, campaign_id=None,
                                                                                     number_prefix=None)])
     with monkeypatch.context() as m:  # the row-by-row path (SQLite, or a store without COPY)
         m.setattr(core.store, "blacklist_csv", lambda: None)
         m.setattr(core.store, "actions_csv", lambda *a, **k: None)
-        outputs["export (rows)"] = b"".join([c async for c in admin.export_csv(core)])
-        outputs["export --audit (rows)"] = b"".join([c async for c in admin.export_audit_csv(
+        outputs["export (rows)"] = b"".join([c async for c in bulk.export_csv(core)])
+        outputs["export --audit (rows)"] = b"".join([c async for c in bulk.export_audit_csv(
             core, campaign_id=None, number_prefix=None)])
     data = await report.collect(core.store, since=None, until=None, campaign=None)
     for path in report.write_csv(data, tmp_path / "csv", full_numbers=True):
@@ -513,7 +513,7 @@ async def test_every_csv_the_product_writes_opens_as_text_in_a_spreadsheet(
     exported = tmp_path / "blacklist.csv"
     exported.write_bytes(outputs["export"])
     with exported.open("rb") as fh:
-        result = await admin.import_numbers(core, fh, name="blacklist.csv", source=Source.ADMIN_IMPORT,
+        result = await bulk.import_numbers(core, fh, name="blacklist.csv", source=Source.ADMIN_IMPORT,
                                             reason="round trip", actor="t", workers=1)
     assert result.bad == [] and result.read == result.already == len(numbers) - 1  # the removed one is not listed
 

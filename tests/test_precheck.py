@@ -401,7 +401,7 @@ async def test_5_keepers_apply_a_bulk_import_while_it_runs(
 ) -> None:
     from contextlib import AsyncExitStack
 
-    from agent import admin
+    from agent import bulk
     from agent.constants import Source
     from agent.core import open_core
     from agent.settings import Settings
@@ -431,7 +431,7 @@ async def test_5_keepers_apply_a_bulk_import_while_it_runs(
                 return batch
 
             core.store.import_batch = watched  # type: ignore[method-assign]
-            report = await admin.import_numbers(core, path.open("rb"), name="numbers.csv",
+            report = await bulk.import_numbers(core, path.open("rb"), name="numbers.csv",
                                                 source=Source.ADMIN_IMPORT, reason="bulk", actor="alice",
                                                 block_bytes=4096, workers=1)
             running.cancel()
