@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 GENESIS = "0" * 64
@@ -43,12 +43,8 @@ def _norm(column: str, value: Any) -> Any:
     if value is None:
         return None
     if column in TIMESTAMP_COLUMNS:
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
         return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if column in JSON_COLUMNS:
-        if isinstance(value, str):
-            value = json.loads(value)
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return str(value)
 

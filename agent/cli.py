@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from agent import admin, logs
+from agent import admin, bulk, logs
 from agent.constants import Source
 from agent.core import Core, open_core
 from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavailable
@@ -126,16 +127,16 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
     bar = tqdm(total=1, unit="B", unit_scale=True, file=sys.stderr, disable=not sys.stderr.isatty(),
                bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix} ETA {remaining}", desc="import")
 
-    def progress(p: admin.ImportProgress) -> None:
+    def progress(p: bulk.ImportProgress) -> None:
         rate = p.rows / max(time.monotonic() - started, 1e-6)
         bar.total = p.total_bytes
         bar.set_postfix_str(f"{p.rows:,} rows, {rate:,.0f} rows/s", refresh=False)
         bar.update(p.done_bytes - bar.n)
 
-    report = admin.ImportReport()
+    report = bulk.ImportReport()
     try:
         with open(args.file, "rb") as fh:  # noqa: ASYNC230 - streamed, CLI only
-            await admin.import_numbers(
+            await bulk.import_numbers(
                 core, fh, name=os.path.basename(args.file), source=Source(args.source), reason=args.reason,
                 actor=_actor(), progress=progress, restart=args.restart, report=report,
             )
@@ -167,9 +168,9 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
 
 async def cmd_export(core: Core, args: argparse.Namespace) -> int:
     if args.audit:
-        chunks = admin.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix)
+        chunks = bulk.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix)
     else:
-        chunks = admin.export_csv(core)
+        chunks = bulk.export_csv(core)
     out = sys.stdout.buffer
     async for chunk in chunks:
         out.write(chunk)
@@ -181,7 +182,8 @@ async def cmd_history(core: Core, args: argparse.Namespace) -> int:
     [e164] = core.checker.normalise([args.number])
     rows = await core.store.history(e164)
     for row in rows:
-        print(json.dumps(row, default=str) if args.json else admin.format_timeline(row, _shown(e164, core.settings)))
+        shown = _shown(e164, core.settings)
+        print(json.dumps(asdict(row), default=str) if args.json else admin.format_timeline(row, shown))
     if not rows:
         print(f"no actions recorded for {_shown(e164, core.settings)}", file=sys.stderr)
     return EXIT_OK

@@ -35,7 +35,7 @@ from agent import charts, csvsafe
 from agent.audit import ChainReport
 from agent.constants import Origin, Outcome, Source
 from agent.phone import mask
-from agent.store import Store
+from agent.store import ActionRow, Store
 
 RESERVOIR = 100_000
 TABLE_ROWS = 10_000
@@ -51,21 +51,6 @@ MAX_DAY_SPAN = 1000
 PERCENTILES = (50, 90, 99)
 LOG_RATIO = 20
 LOG_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-
-
-def instant(value: object) -> datetime | None:
-    """A timestamp as either store returns it (datetime from PostgreSQL, ISO text from SQLite), aware UTC."""
-    if isinstance(value, str) and value:
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if isinstance(value, datetime):
-        try:
-            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-        except OverflowError:  # year 1 or 9999 with an offset: no moment a report can place
-            return None
-    return None
 
 
 def _ms(start: datetime | None, end: datetime | None) -> float | None:
@@ -233,37 +218,35 @@ class ReportData:
             return sorted(seen)
         return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: ActionRow) -> None:
         """Count one audit row (as `Store.actions` yields it); rows received outside the period are skipped."""
-        received = instant(row.get("received_at"))
-        if received is None or (self.since and received < self.since) or (self.until and received >= self.until):
+        received = row.received_at
+        if (self.since and received < self.since) or (self.until and received >= self.until):
             return
         self.rows += 1
-        outcome = str(row.get("outcome"))
-        origin = str(row.get("origin"))
-        day = received.date()
+        outcome, origin, day = row.outcome, row.origin, received.astimezone(UTC).date()
         self.outcomes[outcome] += 1
         if outcome in OPTOUT_OUTCOMES:
-            if origin == Origin.ADMIN.value and row.get("source") == Source.ADMIN_IMPORT.value:
+            if origin == Origin.ADMIN.value and row.source == Source.ADMIN_IMPORT.value:
                 self.imported[day] = self.imported.get(day, 0) + 1
             else:
                 self.optouts.setdefault(day, Counter())[origin] += 1
         elif outcome in (Outcome.PREVENTED.value, Outcome.REMOVED.value):
-            action = Action(received, row.get("phone_number"), origin, row.get("campaign_id"), row.get("call_id"),
-                            row.get("actor"), row.get("reason"), str(row.get("event_id")))
+            action = Action(received, row.phone_number, origin, row.campaign_id, row.call_id, row.actor, row.reason,
+                            row.event_id)
             by_day, table = ((self.prevented_by_day, self.prevented) if outcome == Outcome.PREVENTED.value
                              else (self.removed_by_day, self.removals))
             by_day[day] = by_day.get(day, 0) + 1
             table.append(action)
         if origin == Origin.SPEECH.value:
             self.spoken_total += 1
-            self.spoken.append(Spoken(received, row.get("phone_number"), outcome, row.get("speech_transcript"),
-                                      row.get("speech_score"), row.get("speech_phrase"), str(row.get("event_id"))))
-        press = instant(row.get("pressed_at")) or received
-        hangup = _ms(press, instant(row.get("hungup_at")) or instant(row.get("hangup_requested_at")))
+            self.spoken.append(Spoken(received, row.phone_number, outcome, row.speech_transcript, row.speech_score,
+                                      row.speech_phrase, row.event_id))
+        press = row.pressed_at or received
+        hangup = _ms(press, row.hungup_at or row.hangup_requested_at)
         if hangup is not None:
             self.hangup.add(hangup)
-        visible = _ms(press, instant(row.get("visible_at")) or instant(row.get("cache_visible_at")))
+        visible = _ms(press, row.seen_at)
         if visible is not None:
             self.visible.add(visible)
 
@@ -273,7 +256,7 @@ async def collect(
 ) -> ReportData:
     """One pass over the audit rows received in `[since, until)` (either open) of `campaign` (all when None).
     Raises what `Store.actions` raises (StoreUnavailable)."""
-    data = ReportData(since=instant(since), until=instant(until), campaign=campaign)
+    data = ReportData(since=since, until=until, campaign=campaign)
     scan_until = data.until + STORE_SLACK if data.until else None
     async for row in store.actions(campaign_id=campaign, since=data.since, until=scan_until):
         data.add(row)

@@ -200,6 +200,60 @@ def action_filters(
     return clauses, params
 
 
+@dataclass(frozen=True)
+class ActionRow:
+    """One audit row as either store reads it back: timestamps aware datetimes, the channel a JSON object."""
+
+    id: int
+    event_id: str
+    source_event_id: str | None
+    phone_number: str | None
+    number_source: str | None
+    raw_number: str | None
+    call_id: str | None
+    campaign_id: str | None
+    contact_id: str | None
+    origin: str
+    source: str | None
+    digit: str | None
+    pressed_at: datetime | None
+    received_at: datetime
+    journaled_at: datetime | None
+    visible_at: datetime | None
+    hangup_requested_at: datetime | None
+    hungup_at: datetime | None
+    hangup_method: str | None
+    hangup_result: str | None
+    outcome: str
+    actor: str | None
+    reason: str | None
+    channel: dict[str, object] | None
+    recorded_at: datetime
+    speech_transcript: str | None
+    speech_score: str | None
+    speech_phrase: str | None
+    speech_audio_sha256: str | None
+    prev_hash: str | None
+    row_hash: str | None
+    cache_visible_at: datetime | None
+    """When the keeper made it visible, for an opt-out its writer could not (optout_visibility)."""
+
+    def columns(self) -> dict[str, object]:
+        """The id and the written columns, as `audit` hashes them."""
+        return {c: getattr(self, c) for c in ("id", *audit.ROW_COLUMNS)}
+
+    @property
+    def seen_at(self) -> datetime | None:
+        """When dialers could first see it: the writer's confirmation, else the keeper's."""
+        return self.visible_at or self.cache_visible_at
+
+
+ACTIONS_FROM = "FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
+"""Audit rows with the keeper's visibility evidence (`v.visible_at`), in both dialects."""
+ACTION_SQL = (f"SELECT a.id, {', '.join(f'a.{c}' for c in audit.ROW_COLUMNS)}, v.visible_at AS cache_visible_at"
+              f" {ACTIONS_FROM}")
+"""Audit rows as ActionRow reads them (add WHERE and ORDER BY)."""
+
 LINEAGE_SQL = "coalesce(a.row_hash, 'event:' || a.event_id)"
 """A row's lineage (rows from before the chain have no hash: their event id stands in)."""
 CHANGES_SQL = (
@@ -229,14 +283,10 @@ def position_of(rows: Sequence[Sequence[Any]], at: int | None) -> StorePosition:
 
 
 def change_of(row: Sequence[Any]) -> Change:
-    """A change feed row (CHANGES_SQL) -> Change. Timestamps may come as datetimes (PostgreSQL) or text
-    (SQLite)."""
+    """A change feed row (CHANGES_SQL, timestamps as datetimes) -> Change."""
     seq, phone, outcome, at, reason, source, call_id, campaign_id, contact_id, pressed_at, event_id, visible = row
-    at = datetime.fromisoformat(at) if isinstance(at, str) else at
     if outcome == Outcome.REMOVED.value:
         return Change(seq=int(seq), phone_number=phone, op="remove", at=at, event_id=event_id)
-    if isinstance(pressed_at, str):
-        pressed_at = datetime.fromisoformat(pressed_at)
     meta = {k: v for k, v in (("callId", call_id), ("campaignId", campaign_id), ("contactId", contact_id),
                               ("timestamp", iso_z(pressed_at) if pressed_at else None)) if v is not None}
     entry = entry_json(phone, at, reason or "opted out", source or Source.USER_OPTOUT.value, meta or None)
@@ -322,9 +372,9 @@ class Store(Resource, ABC):
     def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
         """Stream the blacklist in batches."""
 
-    @abstractmethod
     async def head(self) -> int:
         """The change sequence: the id of the newest audit row (0 when there is none)."""
+        return (await self.position()).head.seq
 
     @abstractmethod
     async def position(self, at: int | None = None) -> StorePosition:
@@ -346,13 +396,6 @@ class Store(Resource, ABC):
     @abstractmethod
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
         """Note when the cache made opt-outs visible whose writer could not (event id, time)."""
-
-    async def import_numbers(
-        self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str
-    ) -> int:
-        """Add E.164 numbers in bulk (admin import), each new one audited; returns how many were new."""
-        batch = await self.import_batch(numbers, added_at=added_at, reason=reason, source=source, actor=actor)
-        return len(batch.added)
 
     @abstractmethod
     async def import_batch(
@@ -389,19 +432,19 @@ class Store(Resource, ABC):
         return None
 
     @abstractmethod
-    async def history(self, phone_number: str) -> list[dict[str, Any]]:
+    async def history(self, phone_number: str) -> list[ActionRow]:
         """The audit trail of one number, oldest first, with its visibility evidence."""
 
     @abstractmethod
     def actions(
         self, *, campaign_id: str | None = None, number_prefix: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[ActionRow]:
         """Audit rows of a campaign, a number range (E.164 prefix) and a time range, oldest first."""
 
-    @abstractmethod
-    def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
+    def chain_rows(self) -> AsyncIterator[ActionRow]:
         """Every audit row with its hashes, in id order (for `audit.ChainVerifier`)."""
+        return self.actions()
 
     @abstractmethod
     async def chain_head(self) -> tuple[int, str | None]:

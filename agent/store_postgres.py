@@ -28,8 +28,11 @@ from agent.constants import CHAIN_LOCK, CHANGE_NOTIFY_CHANNEL, TABLE_IMPORTS, TA
 from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.store import (
+    ACTION_SQL,
+    ACTIONS_FROM,
     CHANGES_SQL,
     POSITION_SQL,
+    ActionRow,
     Change,
     ImportBatch,
     ImportMark,
@@ -390,14 +393,8 @@ class PostgresStore(Store):
     def actions_csv(
         self, columns: Sequence[str], *, campaign_id: str | None, number_prefix: str | None,
     ) -> AsyncIterator[bytes]:
-        clauses: list[str] = ["TRUE"]
-        params: list[Any] = []
-        if campaign_id is not None:
-            clauses.append("a.campaign_id = %s")
-            params.append(campaign_id)
-        if number_prefix is not None:
-            clauses.append("a.phone_number LIKE %s")
-            params.append(number_prefix.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%")
+        clauses, params = action_filters(campaign_id=campaign_id, number_prefix=number_prefix, since=None,
+                                         until=None, mark="%s")
         timestamps = set(audit.TIMESTAMP_COLUMNS)
         selected = []
         for c in columns:
@@ -408,8 +405,8 @@ class PostgresStore(Store):
             else:
                 selected.append(f"a.{c}")
         return self._copy_out(
-            f"COPY (SELECT {', '.join(selected)} FROM optout_actions a LEFT JOIN optout_visibility v USING (event_id)"
-            f" WHERE {' AND '.join(clauses)} ORDER BY a.id) TO STDOUT (FORMAT csv)", params)
+            f"COPY (SELECT {', '.join(selected)} {ACTIONS_FROM} WHERE {' AND '.join(['TRUE', *clauses])}"
+            " ORDER BY a.id) TO STDOUT (FORMAT csv)", params)
 
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
         if not seen:
@@ -438,12 +435,6 @@ class PostgresStore(Store):
                     for r in rows
                 ]
 
-    async def head(self) -> int:
-        async with self._tx() as conn:
-            cur = await conn.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
-
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
         async with self._tx() as conn:
             cur = await conn.execute(CHANGES_SQL.format(m="%s"), (after, upto, limit))
@@ -465,59 +456,42 @@ class PostgresStore(Store):
     async def watch(self) -> AsyncIterator[None]:
         """LISTEN on the channel a statement trigger on the audit trail notifies at every commit."""
         try:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, connect_timeout=3,
-                                                         keepalives=1, keepalives_idle=5, keepalives_interval=2,
-                                                         keepalives_count=3)
-        except psycopg.Error as exc:
+            async with await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=3, keepalives=1, keepalives_idle=5,
+                    keepalives_interval=2, keepalives_count=3) as conn:
+                await conn.execute(f"LISTEN {CHANGE_NOTIFY_CHANNEL}")
+                while True:
+                    async for _ in conn.notifies(timeout=5.0, stop_after=1):
+                        yield
+                    # No news within the timeout: prove the connection still works.
+                    await conn.execute("SELECT 1")
+        except psycopg.Error as exc:  # any failure to listen is the watch lost, whatever its cause
             raise StoreUnavailable(f"{self.location}: cannot listen for changes: {exc}") from exc
-        try:
-            await conn.execute(f"LISTEN {CHANGE_NOTIFY_CHANNEL}")
-            while True:
-                async for _ in conn.notifies(timeout=5.0, stop_after=1):
-                    yield
-                # No news within the timeout: prove the connection still works.
-                await conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"{self.location}: listening for changes failed: {exc}") from exc
-        finally:
-            await conn.close()
 
-    async def history(self, phone_number: str) -> list[dict[str, Any]]:
+    async def history(self, phone_number: str) -> list[ActionRow]:
         async with self._tx() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
-                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
-                " LEFT JOIN optout_visibility v USING (event_id) WHERE a.phone_number = %s ORDER BY a.id",
-                (phone_number,))
-            return list(await cur.fetchall())
+            await cur.execute(f"{ACTION_SQL} WHERE a.phone_number = %s ORDER BY a.id", (phone_number,))
+            return [ActionRow(**row) for row in await cur.fetchall()]
 
     async def actions(
         self, *, campaign_id: str | None = None, number_prefix: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[ActionRow]:
         clauses, params = action_filters(campaign_id=campaign_id, number_prefix=number_prefix, since=since,
                                          until=until, mark="%s")
-        clauses.insert(0, "TRUE")
+        async for row in self._rows(f"{ACTION_SQL} WHERE {' AND '.join(['TRUE', *clauses])} ORDER BY a.id", params):
+            yield row
+
+    async def _rows(self, query: str, params: list[Any]) -> AsyncIterator[ActionRow]:
+        """Audit rows streamed through a server-side cursor."""
         async with self._tx(streaming=True) as conn, conn.cursor(
             name=f"act_{uuid.uuid4().hex[:8]}", row_factory=dict_row
         ) as cur:
-            await cur.execute(
-                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
-                f" LEFT JOIN optout_visibility v USING (event_id) WHERE {' AND '.join(clauses)} ORDER BY a.id",
-                params)
+            await cur.execute(query, params)
             while rows := await cur.fetchmany(5000):
                 for row in rows:
-                    yield row
-
-    async def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
-        columns = ", ".join(("id", *_ROW_COLUMNS))
-        async with self._tx(streaming=True) as conn, conn.cursor(
-            name=f"chain_{uuid.uuid4().hex[:8]}", row_factory=dict_row
-        ) as cur:
-            await cur.execute(f"SELECT {columns} FROM optout_actions ORDER BY id")
-            while rows := await cur.fetchmany(5000):
-                for row in rows:
-                    yield row
+                    yield ActionRow(**row)
 
     async def chain_head(self) -> tuple[int, str | None]:
         async with self._tx() as conn:

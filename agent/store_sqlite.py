@@ -22,8 +22,10 @@ from agent.errors import SchemaMissing, StoreRejected, StoreUnavailable
 from agent.optout import BlacklistEntry, OptOutRecord
 from agent.sqlite_db import SqliteDb, transaction
 from agent.store import (
+    ACTION_SQL,
     CHANGES_SQL,
     POSITION_SQL,
+    ActionRow,
     Change,
     ImportBatch,
     ImportMark,
@@ -69,9 +71,22 @@ def _params(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rows(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+def _when(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+_TIMES = frozenset({*audit.TIMESTAMP_COLUMNS, "cache_visible_at"})
+
+
+def _rows(cur: sqlite3.Cursor) -> list[ActionRow]:
+    """ACTION_SQL rows as ActionRows: the stored text of timestamps and the channel read back, here only."""
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    read: list[ActionRow] = []
+    for row in cur.fetchall():
+        values: dict[str, Any] = dict(zip(names, row, strict=True))
+        values.update({n: _when(values[n]) for n in _TIMES}, channel=json.loads(values["channel"] or "null"))
+        read.append(ActionRow(**values))
+    return read
 
 
 class SqliteStore(Store):
@@ -299,13 +314,9 @@ class SqliteStore(Store):
                 for r in rows
             ]
 
-    async def head(self) -> int:
-        return await self._run(lambda c: int(c.execute("SELECT coalesce(max(id), 0) FROM optout_actions")
-                                               .fetchone()[0]))
-
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
         rows = await self._run(lambda c: c.execute(CHANGES_SQL.format(m="?"), (after, upto, limit)).fetchall())
-        return [change_of(row) for row in rows]
+        return [change_of((*r[:3], _when(r[3]), *r[4:9], _when(r[9]), *r[10:])) for r in rows]
 
     async def position(self, at: int | None = None) -> StorePosition:
         rows = await self._run(lambda c: c.execute(POSITION_SQL.format(m="?"), (-1 if at is None else at,))
@@ -335,40 +346,24 @@ class SqliteStore(Store):
                 last = head
                 yield
 
-    async def history(self, phone_number: str) -> list[dict[str, Any]]:
+    async def history(self, phone_number: str) -> list[ActionRow]:
         return await self._run(lambda c: _rows(c.execute(
-            "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
-            " LEFT JOIN optout_visibility v USING (event_id) WHERE a.phone_number = ? ORDER BY a.id",
-            (phone_number,))))
+            f"{ACTION_SQL} WHERE a.phone_number = ? ORDER BY a.id", (phone_number,))))
 
     async def actions(
         self, *, campaign_id: str | None = None, number_prefix: str | None = None,
         since: datetime | None = None, until: datetime | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[ActionRow]:
         clauses, params = action_filters(campaign_id=campaign_id, number_prefix=number_prefix, since=ts(since),
                                          until=ts(until), mark="?")
-        clauses.insert(0, "a.id > ?")
         last = 0
-        while True:
+        while True:  # pages by id: no read transaction held across the caller's awaits
             page = await self._run(lambda c, after=last: _rows(c.execute(
-                "SELECT a.*, v.visible_at AS cache_visible_at FROM optout_actions a"
-                f" LEFT JOIN optout_visibility v USING (event_id) WHERE {' AND '.join(clauses)}"
-                " ORDER BY a.id LIMIT 5000", [after, *params])))
+                f"{ACTION_SQL} WHERE {' AND '.join(['a.id > ?', *clauses])} ORDER BY a.id LIMIT 5000",
+                [after, *params])))
             if not page:
                 return
-            last = page[-1]["id"]
-            for row in page:
-                yield row
-
-    async def chain_rows(self) -> AsyncIterator[dict[str, Any]]:
-        columns = ", ".join(("id", *_ROW_COLUMNS))
-        last = 0
-        while True:
-            page = await self._run(lambda c, after=last: _rows(c.execute(
-                f"SELECT {columns} FROM optout_actions WHERE id > ? ORDER BY id LIMIT 5000", (after,))))
-            if not page:
-                return
-            last = page[-1]["id"]
+            last = page[-1].id
             for row in page:
                 yield row
 

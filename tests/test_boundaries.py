@@ -210,8 +210,8 @@ async def test_a_hangup_reply_with_a_nul_is_stored_not_parked(
     result = await pipeline.submit(record, hang_up=hang_up)
     assert result.status is Status.STORED
     [row] = await pg_store.history("+12025550188")
-    assert row["hangup_result"].startswith("error:") and "\x00" not in row["hangup_result"]
-    assert row["campaign_id"] == "camp-1", "no field was stripped for it"
+    assert row.hangup_result.startswith("error:") and "\x00" not in row.hangup_result
+    assert row.campaign_id == "camp-1", "no field was stripped for it"
 
 
 # --- 3. any JSON value in any field of an event -------------------------------------------------------------
@@ -336,7 +336,7 @@ async def test_base64_arguments_carry_any_value_unchanged(agi_port: int, pg_stor
     assert got == ["HANGUP"], "every value came as an argument (an empty one is an empty variable)"
     assert await wait_listed(pg_store, [CALLEE]) == {CALLEE}
     [row] = await pg_store.history(CALLEE)
-    assert row["call_id"] == "c-9" and row["campaign_id"] == "springOPTOUT_NUMBER=+12025559999", row
+    assert row.call_id == "c-9" and row.campaign_id == "springOPTOUT_NUMBER=+12025559999", row
     assert await pg_store.blacklisted([INJECTED]) == set()
 
 
@@ -361,11 +361,11 @@ async def test_precheck_reads_base64_arguments_and_refuses_a_repeated_one(
                                                       f"NUMBER={CALLEE}"))
     assert twice == ["SET VARIABLE OPTOUT_BLOCKED 1"], "which number is dialled is not known: blocked"
     for _ in range(100):
-        rows = [r for r in await pg_store.history(INJECTED) if r["outcome"] == "prevented"]
+        rows = [r for r in await pg_store.history(INJECTED) if r.outcome == "prevented"]
         if rows:
             break
         await asyncio.sleep(0.05)
-    assert rows[0]["call_id"] == "p2", "the id is cleaned by the identifier rule"
+    assert rows[0].call_id == "p2", "the id is cleaned by the identifier rule"
 
 
 def test_the_connection_limit_comes_from_the_open_file_limit() -> None:
@@ -486,18 +486,18 @@ async def hostile_trail(core: Any) -> list[str]:
 async def test_every_csv_the_product_writes_opens_as_text_in_a_spreadsheet(
     core: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from agent import admin, report
+    from agent import bulk, report
 
     numbers = await hostile_trail(core)
     outputs: dict[str, bytes] = {}
-    outputs["export"] = b"".join([c async for c in admin.export_csv(core)])
-    outputs["export --audit"] = b"".join([c async for c in admin.export_audit_csv(core, campaign_id=None,
+    outputs["export"] = b"".join([c async for c in bulk.export_csv(core)])
+    outputs["export --audit"] = b"".join([c async for c in bulk.export_audit_csv(core, campaign_id=None,
                                                                                     number_prefix=None)])
     with monkeypatch.context() as m:  # the row-by-row path (SQLite, or a store without COPY)
         m.setattr(core.store, "blacklist_csv", lambda: None)
         m.setattr(core.store, "actions_csv", lambda *a, **k: None)
-        outputs["export (rows)"] = b"".join([c async for c in admin.export_csv(core)])
-        outputs["export --audit (rows)"] = b"".join([c async for c in admin.export_audit_csv(
+        outputs["export (rows)"] = b"".join([c async for c in bulk.export_csv(core)])
+        outputs["export --audit (rows)"] = b"".join([c async for c in bulk.export_audit_csv(
             core, campaign_id=None, number_prefix=None)])
     data = await report.collect(core.store, since=None, until=None, campaign=None)
     for path in report.write_csv(data, tmp_path / "csv", full_numbers=True):
@@ -513,7 +513,7 @@ async def test_every_csv_the_product_writes_opens_as_text_in_a_spreadsheet(
     exported = tmp_path / "blacklist.csv"
     exported.write_bytes(outputs["export"])
     with exported.open("rb") as fh:
-        result = await admin.import_numbers(core, fh, name="blacklist.csv", source=Source.ADMIN_IMPORT,
+        result = await bulk.import_numbers(core, fh, name="blacklist.csv", source=Source.ADMIN_IMPORT,
                                             reason="round trip", actor="t", workers=1)
     assert result.bad == [] and result.read == result.already == len(numbers) - 1  # the removed one is not listed
 
@@ -661,14 +661,17 @@ _ROWS = st.fixed_dictionaries({
 @given(st.lists(_ROWS, max_size=6))
 def test_the_report_renders_any_trail(trail: list[dict[str, Any]]) -> None:
     import tempfile
+    from dataclasses import fields
     from pathlib import Path
 
     from agent import report
     from agent.audit import ChainVerifier
+    from agent.store import ActionRow
 
+    blank = dict.fromkeys(f.name for f in fields(ActionRow))
     data = report.ReportData(since=None, until=None, campaign=None)
     for row in trail:
-        data.add(row)
+        data.add(ActionRow(**(blank | {"id": 1} | row)))
     html = report.render_html(data, ChainVerifier().report(), generated_at=datetime.now(UTC), title="t")
     assert html.endswith("</html>")
     with tempfile.TemporaryDirectory() as directory:

@@ -24,7 +24,7 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent import admin
+from agent import admin, bulk
 from agent.constants import BLACKLIST_SET, BLACKLIST_VIEW, Source
 from agent.core import Core, open_core
 from agent.errors import InvalidPhoneNumber
@@ -89,14 +89,14 @@ def test_blocks_read_every_line_once_with_its_number(lines: list[str], size: int
                                                       crlf: bool, final_newline: bool) -> None:
     end = "\r\n" if crlf else "\n"
     text = end.join((["name,phone"] if header else []) + lines) + (end if final_newline else "")
-    blocks = admin.file_blocks(io.BytesIO(text.encode()), skip_through=skip, size=size)
+    blocks = bulk.file_blocks(io.BytesIO(text.encode()), skip_through=skip, size=size)
     first = next(blocks)
     assert isinstance(first, int)
     column = None if first < 0 else first
     got: list[tuple[int, Any]] = []
     for item in blocks:
         assert not isinstance(item, int)
-        block = admin._parse_block(item[0], item[1], item[2], column, "IL")
+        block = bulk._parse_block(item[0], item[1], item[2], column, "IL")
         got += [(n, "bad") for n, _ in block.bad] + [(n, "good") for n in block.good]  # type: ignore[misc]
     all_lines = text.split(end)
     if all_lines and all_lines[-1] == "":
@@ -105,7 +105,7 @@ def test_blocks_read_every_line_once_with_its_number(lines: list[str], size: int
     for lineno, line in enumerate(all_lines, 1):
         if (header and lineno == 1) or lineno <= skip:
             continue
-        if admin.row_value(line, column) is not None:
+        if bulk.row_value(line, column) is not None:
             expected_rows += 1
     assert len(got) == expected_rows
     assert all(isinstance(n, str) or n > max(skip, 1 if header else 0) for n, _ in got)
@@ -131,9 +131,9 @@ def _write(path: Path, count: int, *, start: int = 0) -> None:
         fh.writelines(f"+97250{i:07d}\n" if i % 2 else f"05{i % 10}{i:07d}\n" for i in range(start, start + count))
 
 
-async def _import(core: Core, path: Path, **kwargs: Any) -> admin.ImportReport:
+async def _import(core: Core, path: Path, **kwargs: Any) -> bulk.ImportReport:
     with path.open("rb") as fh:
-        return await admin.import_numbers(core, fh, name=path.name, source=Source.ADMIN_IMPORT, reason="bulk",
+        return await bulk.import_numbers(core, fh, name=path.name, source=Source.ADMIN_IMPORT, reason="bulk",
                                           actor="tester", block_bytes=4096, workers=2, **kwargs)
 
 
@@ -148,7 +148,7 @@ async def test_interrupted_import_resumes_where_it_stopped_without_duplicates(co
     calls = 0
     task = asyncio.current_task()
 
-    def interrupt(p: admin.ImportProgress) -> None:
+    def interrupt(p: bulk.ImportProgress) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:
@@ -212,8 +212,8 @@ async def test_exports_stream_what_the_row_by_row_export_wrote(core: Core, tmp_p
     async def both(kind: str) -> tuple[bytes, bytes]:
         def run() -> AsyncIterator[bytes]:
             if kind == "audit":
-                return admin.export_audit_csv(core, campaign_id=None, number_prefix="+972")
-            return admin.export_csv(core)
+                return bulk.export_audit_csv(core, campaign_id=None, number_prefix="+972")
+            return bulk.export_csv(core)
 
         fast = b"".join([c async for c in run()])
         with monkeypatch.context() as m:

@@ -132,7 +132,7 @@ def test_masking_leaves_no_full_number_in_any_shape(number: str, before: str, af
 def test_any_import_lines_give_a_number_or_a_named_problem_per_line(lines: list[bytes]) -> None:
     import io
 
-    from agent.admin import _parse_block, file_blocks
+    from agent.bulk import _parse_block, file_blocks
 
     data = b"phone\n" + b"\n".join(lines) + b"\n"
     blocks = file_blocks(io.BytesIO(data))

@@ -46,7 +46,7 @@ async def test_optout_lands_in_store_redis_and_journal(
     assert redis_sync.get(campaign_counter_key("camp-1")) == "1"
     assert await pipeline.journal.depth() == 0
     [row] = await pg_store.history(rec.phone_number or "")
-    assert row["journaled_at"] <= row["visible_at"] <= row["recorded_at"]
+    assert row.journaled_at <= row.visible_at <= row.recorded_at
 
 
 async def test_same_event_twice_is_a_duplicate_and_counts_once(
@@ -73,7 +73,7 @@ async def test_call_is_ended_once_journaled_and_the_hangup_is_audited(
     assert calls == [1], "the call must be ended only once the opt-out is in the journal"
     assert result.hangup is not None
     [row] = await pg_store.history("+972501234567")
-    assert row["hangup_method"] == "ari" and row["hangup_result"] == "ok"
+    assert row.hangup_method == "ari" and row.hangup_result == "ok"
 
 
 async def test_a_redelivered_optout_does_not_hang_up_again(pipeline: OptOutPipeline) -> None:
@@ -96,7 +96,7 @@ async def test_failing_hangup_does_not_lose_the_optout(pipeline: OptOutPipeline,
     result = await pipeline.submit(make_record(), hang_up=hang_up)
     assert result.status is Status.STORED
     [row] = await pg_store.history("+972501234567")
-    assert row["hangup_result"].startswith("error: channel gone")
+    assert row.hangup_result.startswith("error: channel gone")
 
 
 async def test_redis_down_is_not_critical(journal: Journal, pg_store: PostgresStore) -> None:
@@ -149,7 +149,7 @@ async def test_postgres_unreachable_mid_run_every_optout_lands_once_back(
         assert await store.blacklisted(numbers) == set(numbers)
         for r in during:
             [row] = await store.history(r.phone_number or "")
-            assert row["visible_at"] is not None and row["visible_at"] < row["recorded_at"]
+            assert row.visible_at is not None and row.visible_at < row.recorded_at
         assert redis_sync.scard(BLACKLIST_SET) == 30
     await proxy.stop()
 
@@ -186,7 +186,7 @@ asyncio.run(main())
     async def check() -> None:
         async with PostgresStore(pg_dsn) as s:
             [row] = await s.history(rec.phone_number or "")
-            assert row["event_id"] == rec.event_id
+            assert row.event_id == rec.event_id
 
     asyncio.run(check())
 
@@ -258,7 +258,7 @@ async def test_a_record_postgres_refuses_is_stored_without_the_bad_field(
     assert [r.status for r in results] == [Status.STORED] * 21
     assert await pg_store.blacklisted([r.phone_number or "" for r in good]) == {r.phone_number for r in good}
     [row] = await pg_store.history("+972509999999")
-    assert row["campaign_id"] is None and "other fields dropped" in row["reason"]
+    assert row.campaign_id is None and "other fields dropped" in row.reason
     assert await pipeline.journal.depth() == 0
 
 
@@ -389,7 +389,7 @@ async def test_a_producer_event_id_reused_for_another_number_is_recorded_not_dro
     assert await pg_store.blacklisted(["+972501234567", "+972521234567"]) == {"+972501234567", "+972521234567"}
     assert any("used before for another number" in r.getMessage() for r in caplog.records)
     [row] = await pg_store.history("+972521234567")
-    assert row["source_event_id"] == "producer-1"
+    assert row.source_event_id == "producer-1"
 
 
 async def test_retention_prunes_only_rows_stored_and_published(tmp_path: Path) -> None:

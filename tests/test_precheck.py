@@ -310,7 +310,7 @@ async def test_3_a_store_restored_from_an_earlier_dump_is_rebuilt_from_and_loses
         assert await store.blacklisted(later) == set(later), "the opt-outs the restore lost are written back"
         assert await check.check([*early, *later, *fresh], strict=True) == [True] * 18
         rows = await store.history(later[0])
-        assert rows[-1]["origin"] == "admin" and rows[-1]["reason"].startswith("recovered")
+        assert rows[-1].origin == "admin" and rows[-1].reason.startswith("recovered")
 
 
 def restore_file(backup: Path, path: Path) -> None:
@@ -389,7 +389,7 @@ async def test_5_a_commit_by_a_writer_without_redis_is_pushed_to_the_keeper(
         assert redis_sync.sismember(BLACKLIST_SET, A), "only the store's push could wake the keeper"
         assert await checker(pg_store, cache).check([A]) == [True]
         [row] = await pg_store.history(A)
-        assert row["visible_at"] is None and row["cache_visible_at"] is not None, "the keeper noted when"
+        assert row.visible_at is None and row.cache_visible_at is not None, "the keeper noted when"
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -401,7 +401,7 @@ async def test_5_keepers_apply_a_bulk_import_while_it_runs(
 ) -> None:
     from contextlib import AsyncExitStack
 
-    from agent import admin
+    from agent import bulk
     from agent.constants import Source
     from agent.core import open_core
     from agent.settings import Settings
@@ -431,7 +431,7 @@ async def test_5_keepers_apply_a_bulk_import_while_it_runs(
                 return batch
 
             core.store.import_batch = watched  # type: ignore[method-assign]
-            report = await admin.import_numbers(core, path.open("rb"), name="numbers.csv",
+            report = await bulk.import_numbers(core, path.open("rb"), name="numbers.csv",
                                                 source=Source.ADMIN_IMPORT, reason="bulk", actor="alice",
                                                 block_bytes=4096, workers=1)
             running.cancel()

@@ -81,14 +81,14 @@ async def build(store: Store) -> None:
         event_id=f"prevented-{uuid.uuid4()}", phone_number=N["A"], outcome=Outcome.PREVENTED,
         at=D2 + timedelta(hours=9), recorded_at=datetime.now(UTC), actor=None,
         reason="call to a blacklisted number prevented", origin="agi", call_id="call-p1", campaign_id="camp-1"))
-    await store.import_numbers(["+972509000001", "+972509000002"], added_at=datetime.now(UTC), reason="list",
+    await store.import_batch(["+972509000001", "+972509000002"], added_at=datetime.now(UTC), reason="list",
                                source=Source.ADMIN_IMPORT, actor="ops")
 
 
 async def verified(store: Store) -> ChainReport:
     verifier = ChainVerifier()
     async for row in store.chain_rows():
-        if not verifier.feed(row):
+        if not verifier.feed(row.columns()):
             break
     return verifier.report()
 

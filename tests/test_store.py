@@ -51,7 +51,7 @@ async def campaign_count(store: Store, pg_dsn: str, campaign: str) -> int:
 async def verify(store: Store, head: str | None = None) -> Any:
     verifier = ChainVerifier(expected_head=head)
     async for row in store.chain_rows():
-        if not verifier.feed(row):
+        if not verifier.feed(row.columns()):
             break
     return verifier.report()
 
@@ -67,9 +67,9 @@ async def test_optout_adds_number_and_audit_row_in_one_go(store: Store, pg_dsn: 
     assert not res.duplicate and res.outcome is Outcome.BLACKLISTED
     assert await store.blacklisted(["+972501234567", "+972501234568"]) == {"+972501234567"}
     [row] = await store.history("+972501234567")
-    assert row["event_id"] == rec.event_id and row["origin"] == "ari" and row["outcome"] == "blacklisted"
-    assert row["call_id"] == "call-1" and row["digit"] == "9"
-    assert row["prev_hash"] == GENESIS and len(row["row_hash"]) == 64
+    assert row.event_id == rec.event_id and row.origin == "ari" and row.outcome == "blacklisted"
+    assert row.call_id == "call-1" and row.digit == "9"
+    assert row.prev_hash == GENESIS and len(row.row_hash) == 64
     assert await campaign_count(store, pg_dsn, "camp-1") == 1
 
 
@@ -90,7 +90,7 @@ async def test_second_optout_for_listed_number_keeps_first_added_at(store: Store
     assert res.outcome is Outcome.ALREADY_BLACKLISTED
     [[entry]] = [batch async for batch in store.entries()]
     assert abs(entry.added_at - first.received_at) < timedelta(milliseconds=1)
-    assert [r["outcome"] for r in await store.history(first.phone_number or "")] == [
+    assert [r.outcome for r in await store.history(first.phone_number or "")] == [
         "blacklisted", "already_blacklisted"]
 
 
@@ -109,8 +109,8 @@ async def test_removal_is_audited_with_who_and_why(store: Store) -> None:
                                       seen_seq=await store.head())) is RemoveResult.REMOVED
     assert await store.blacklisted(["+972501234567"]) == set()
     history = await store.history("+972501234567")
-    assert history[-1]["outcome"] == "removed"
-    assert history[-1]["actor"] == "alice" and history[-1]["reason"] == "customer consented again"
+    assert history[-1].outcome == "removed"
+    assert history[-1].actor == "alice" and history[-1].reason == "customer consented again"
     assert await store.remove(Removal("+972501234567", "again", "alice", "rm-2", now,
                                       seen_seq=await store.head())) is RemoveResult.NOT_LISTED
 
@@ -128,18 +128,19 @@ async def test_redelivered_event_after_removal_does_not_relist(store: Store) -> 
 async def test_import_adds_new_numbers_and_audits_each(store: Store) -> None:
     await store.write([make_record("+972501234567")])
     numbers = ["+972501234567", "+972501234568", "+972501234569", "+972501234569"]
-    assert await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="imported",
-                                      source=Source.ADMIN_IMPORT, actor="bob") == 2
+    batch = await store.import_batch(numbers, added_at=datetime.now(UTC), reason="imported",
+                                     source=Source.ADMIN_IMPORT, actor="bob")
+    assert len(batch.added) == 2 and batch.last_seq == batch.after_seq + 2
     assert len(await store.blacklisted(numbers)) == 3
     [row] = await store.history("+972501234568")
-    assert row["origin"] == "admin" and row["actor"] == "bob"
+    assert row.origin == "admin" and row.actor == "bob"
     assert (await verify(store)).intact
 
 
 async def test_audit_export_filters_by_campaign_and_prefix(store: Store) -> None:
     await store.write([make_record("+972501234567", campaign="a"), make_record("+14155550123", campaign="b")])
-    assert [r["campaign_id"] async for r in store.actions(campaign_id="b")] == ["b"]
-    assert [r["phone_number"] async for r in store.actions(number_prefix="+972")] == ["+972501234567"]
+    assert [r.campaign_id async for r in store.actions(campaign_id="b")] == ["b"]
+    assert [r.phone_number async for r in store.actions(number_prefix="+972")] == ["+972501234567"]
     later = datetime.now(UTC) + timedelta(minutes=1)
     assert [r async for r in store.actions(since=later)] == []
     assert len([r async for r in store.actions(until=later)]) == 2
@@ -147,7 +148,7 @@ async def test_audit_export_filters_by_campaign_and_prefix(store: Store) -> None
 
 async def test_entries_stream_in_batches(store: Store) -> None:
     numbers = [f"+97250{i:07d}" for i in range(2500)]
-    await store.import_numbers(numbers, added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE, actor="t")
+    await store.import_batch(numbers, added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE, actor="t")
     batches = [b async for b in store.entries(batch_size=1000)]
     assert [len(b) for b in batches] == [1000, 1000, 500]
 
@@ -211,7 +212,7 @@ async def test_chain_covers_every_kind_of_write(store: Store) -> None:
     await store.write([make_record("+972501234567"), make_record("+972501234568")])
     await store.remove(Removal("+972501234567", "consent", "alice", "rm-1", datetime.now(UTC),
                                seen_seq=await store.head()))
-    await store.import_numbers(["+14155550123"], added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE,
+    await store.import_batch(["+14155550123"], added_at=datetime.now(UTC), reason="r", source=Source.COMPLIANCE,
                                actor="bob")
     now = datetime.now(UTC)
     await store.append_action(admin_row(event_id="prevented-1", phone_number="+972501234568",

@@ -86,7 +86,7 @@ async def fill(store: Store, *, days: int, rng: random.Random) -> None:
 async def verify(store: Store) -> ChainReport:
     verifier = ChainVerifier()
     async for row in store.chain_rows():
-        if not verifier.feed(row):
+        if not verifier.feed(row.columns()):
             break
     return verifier.report()
 

@@ -205,7 +205,7 @@ class System:
         try:
             async with self._new_store(None) as store:
                 lines.append(f"store: listed={bool(await store.blacklisted([number]))} head={await store.head()} "
-                             f"history={[(h['id'], h['outcome'], h['event_id']) for h in await store.history(number)]}")
+                             f"history={[(h.id, h.outcome, h.event_id) for h in await store.history(number)]}")
         except OptOutError as exc:
             lines.append(f"store: {exc}")
         for agent in [*self.agents, self.writer]:

@@ -54,7 +54,7 @@ async def test_valid_notification_is_blacklisted_and_answers_200(
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     assert await pg_store.blacklisted([E164]) == {E164}
     [row] = await pg_store.history(E164)
-    assert row["origin"] == "sns"
+    assert row.origin == "sns"
     assert written().actions == 1
 
 
@@ -100,7 +100,7 @@ async def test_notification_hangs_up_the_call_through_the_worker(
     assert response.status_code == 200
     assert worker.requests == [("/calls/call-123/hangup", "Bearer worker-secret")]
     [row] = await pg_store.history(E164)
-    assert row["hangup_result"] == "ok"
+    assert row.hangup_result == "ok"
 
 
 async def test_failed_hangup_does_not_fail_the_optout(
@@ -115,7 +115,7 @@ async def test_failed_hangup_does_not_fail_the_optout(
     assert response.json()["status"] == "stored"
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     [row] = await pg_store.history(E164)
-    assert row["hangup_result"] == "error: HTTP 500"
+    assert row.hangup_result == "error: HTTP 500"
 
 
 @pytest_asyncio.fixture
@@ -331,7 +331,7 @@ async def test_an_invalid_optional_field_is_dropped_and_named_and_the_number_sti
     assert response.status_code == 200, response.text
     assert response.json()["dropped"] == ["field campaignId: contains a nul character"]
     [row] = await pg_store.history(E164)
-    assert row["campaign_id"] is None and row["outcome"] == "blacklisted"
+    assert row.campaign_id is None and row.outcome == "blacklisted"
 
 
 async def test_a_redelivered_notification_does_not_hang_up_the_call_again(

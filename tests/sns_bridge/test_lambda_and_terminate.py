@@ -65,7 +65,7 @@ async def test_lambda_applies_the_old_event_shape(
     assert summary["applied"] == 1 and summary["rejected"] == []
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     [row] = await pg_store.history(E164)
-    assert row["origin"] == "sns"
+    assert row.origin == "sns"
 
 
 async def test_lambda_summary_counts_duplicates_skips_and_rejects(

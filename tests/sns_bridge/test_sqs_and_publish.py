@@ -76,7 +76,7 @@ async def test_published_optout_reaches_the_blacklist_through_sqs_poller(
     assert deleted == 1
     assert redis_sync.sismember(BLACKLIST_SET, E164)
     [row] = await pg_store.history(E164)
-    assert row["origin"] == "sns"
+    assert row.origin == "sns"
     assert await drain_queue(sqs, wiring.queue_url, rounds=1) == []
 
 

@@ -50,11 +50,11 @@ async def test_sqlite_store_keeps_speech_rows_next_to_older_ones_and_the_chain_v
         await store.write([older])
         await store.write([spoken()])
         [row] = await store.history("+15551230001")
-        assert row["origin"] == "speech" and row["speech_transcript"] == "Stop calling me."
-        assert row["speech_phrase"] == "stop calling me" and row["speech_audio_sha256"] == "ab" * 32
+        assert row.origin == "speech" and row.speech_transcript == "Stop calling me."
+        assert row.speech_phrase == "stop calling me" and row.speech_audio_sha256 == "ab" * 32
         verifier = ChainVerifier()
         async for r in store.chain_rows():
-            assert verifier.feed(r)
+            assert verifier.feed(r.columns())
         assert verifier.report().rows == 2
 
 
