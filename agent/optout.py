@@ -371,10 +371,6 @@ class OptOutRecord(_Camel):
     def _clean_channel(cls, value: Any) -> Any:
         return clean_json(value) if isinstance(value, dict) else value
 
-    @property
-    def number_known(self) -> bool:
-        return self.phone_number is not None
-
     def entry(self) -> BlacklistEntry:
         """The blacklist entry this record adds (its `addedAt` is when the agent received it)."""
         assert self.phone_number is not None
