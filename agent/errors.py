@@ -19,6 +19,12 @@ Library errors become these at the boundary (`raise StoreUnavailable(...) from e
 
 from __future__ import annotations
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
+"""What an aiobotocore call raises when AWS refuses or cannot be reached: caught as one by the SNS publisher
+and the SQS poller, which turn it into PublishUnavailable or a logged retry."""
+
 
 class OptOutError(Exception):
     """Base of every error this package raises on purpose."""
