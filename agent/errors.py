@@ -22,8 +22,7 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 
 AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
-"""What an aiobotocore call raises when AWS refuses or cannot be reached: caught as one by the SNS publisher
-and the SQS poller, which turn it into PublishUnavailable or a logged retry."""
+"""What an aiobotocore call raises when AWS refuses or is unreachable (SNS publisher, SQS poller catch it)."""
 
 
 class OptOutError(Exception):

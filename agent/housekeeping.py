@@ -1,9 +1,8 @@
-"""Periodic upkeep every process with a core runs: journal retention and the audit chain's head.
+"""Periodic upkeep every process with a core runs (hourly):
 
-- Journal rows stored and published longer ago than the retention period are pruned (hourly): the
-  journal holds full numbers on local disk only as long as it needs them.
-- The audit chain's head is logged at INFO every hour, so a rewrite of the whole chain is caught against
-  the logs.
+- journal rows stored and published longer ago than the retention period are pruned: the journal holds
+  full numbers on local disk only as long as it needs them;
+- the audit chain's head is logged at INFO, so a rewrite of the whole chain is caught against the logs.
 """
 
 from __future__ import annotations

@@ -257,8 +257,7 @@ async def refuse_redirects_and_4xx(response: httpx.Response) -> None:
 
 
 def certificate_client(*, transport: httpx.AsyncBaseTransport | None = None, timeout: float = 5.0) -> httpx.AsyncClient:
-    """The httpx client for certificate and SubscribeURL fetches: redirects are not followed, and the rule
-    above answers every response. `transport` is for tests."""
+    """The client for certificate and SubscribeURL fetches: the rule above on every response. (`transport`: tests.)"""
     return httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=timeout,
                              event_hooks={"response": [refuse_redirects_and_4xx]})
 
