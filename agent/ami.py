@@ -264,7 +264,7 @@ class AmiAgent(Resource):
             )
         except (TelephonyError, TimeoutError, OSError) as exc:
             log.error("AMI Hangup failed: %s", exc or "timeout", extra={"channel": channel})
-            return HangupInfo(requested_at=requested, method="ami", result=f"error: {exc or 'timeout'}"[:200])
+            return HangupInfo.failed("ami", exc, requested_at=requested)
         ok = bool(reply.success)
         result = "ok" if ok else ("gone" if "No such channel" in str(reply.get("Message")) else
                                   f"refused: {reply.get('Message')}"[:200])

@@ -19,6 +19,7 @@ from agent.ami import AmiAgent
 from agent.ari import AriAgent
 from agent.core import Core, drain_inflight, migrate_until_done, open_core, supervised
 from agent.health import Health
+from agent.housekeeping import Housekeeping
 from agent.http import AgentHttp
 from agent.intake import Intake
 from agent.pipeline import Replayer
@@ -87,8 +88,9 @@ async def run_agent(settings: Settings) -> int:
             endpoint_url=settings.aws_endpoint_url,
         ))
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
-        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds,
-                        retention=timedelta(days=settings.optout_journal_retention_days))
+        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds)
+        upkeep = Housekeeping(journal=core.journal, store=core.store,
+                              retention=timedelta(days=settings.optout_journal_retention_days))
         intake = Intake(pipeline=core.pipeline, digit=settings.optout_digit, region=settings.optout_default_region)
         ready: dict[str, Callable[[], bool]] = {"journal": lambda: health.journal_ok}
         if core.cache is None:
@@ -136,6 +138,7 @@ async def run_agent(settings: Settings) -> int:
                 "store-migrate": lambda: migrate_until_done(core.store),
                 "journal-replayer": replayer.run,
                 "health": health.run,
+                "housekeeping": upkeep.run,
                 "loop-lag": watch_loop_lag,
             }
             if publisher.enabled:

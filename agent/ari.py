@@ -44,6 +44,8 @@ log = logging.getLogger("agent.ari")
 HANGUP_EVENTS = frozenset({"ChannelHangupRequest", "StasisEnd", "ChannelDestroyed"})
 LOOKUP_WAIT = 0.5
 """How long a press waits for the dialled-number lookup of a call without OPTOUT_NUMBER (seconds)."""
+_REST_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+"""What one ARI REST call raises: the transport failed, it took too long, or the body is not JSON."""
 
 
 @dataclass
@@ -210,7 +212,7 @@ class AriAgent(Resource):
         backoff.reset()
         try:
             await self._resync()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except _REST_ERRORS as exc:
             log.warning("could not list the app's channels after connecting: %s", exc)
         log.info("ARI connected", extra={"app": self._app, "channels": len(self._channels)})
         try:
@@ -358,7 +360,7 @@ class AriAgent(Resource):
                     return None
                 value = (await resp.json()).get("value")
                 return value if isinstance(value, str) else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except _REST_ERRORS as exc:
             log.debug("reading %s of %s failed: %s", name, chan_id, exc)
             return None
 
@@ -372,9 +374,9 @@ class AriAgent(Resource):
             async with self._rest.delete(f"{self._url}/ari/channels/{chan_id}", params={"reason_code": "16"}) as resp:
                 await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except _REST_ERRORS as exc:
             log.error("hangup request failed: %s", exc or type(exc).__name__, extra={"channel": chan_id})
-            return HangupInfo(requested_at=requested, method="ari", result=f"error: {exc or type(exc).__name__}"[:200])
+            return HangupInfo.failed("ari", exc, requested_at=requested)
         result = "ok" if status == 204 else ("gone" if status == 404 else f"http {status}")
         return HangupInfo(requested_at=requested, method="ari", result=result)
 
@@ -396,6 +398,6 @@ class AriAgent(Resource):
                 if resp.status != 200:
                     raise TelephonyError(f"Asterisk refused the originate: HTTP {resp.status} {text[:200]}")
                 channel_id = str((await resp.json()).get("id"))
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except _REST_ERRORS as exc:
             raise TelephonyError(f"originate over ARI failed: {exc or type(exc).__name__}") from exc
         return channel_id

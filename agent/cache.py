@@ -72,7 +72,6 @@ from agent.constants import (
     action_key,
     blacklist_entry_key,
     campaign_counter_key,
-    sns_message_key,
 )
 from agent.errors import CacheUnavailable
 from agent.lifecycle import Resource
@@ -386,13 +385,3 @@ class RedisCache(Resource):
         with redis_errors("reading entries"):
             return [None if v is None else str(v) for v in await self.client.mget([blacklist_entry_key(n)
                                                                                      for n in numbers])]
-
-    # --- SNS message ids (the bridge's dedupe) ----------------------------------------------------------
-    async def message_seen(self, message_id: str) -> bool:
-        """Whether an SNS message id was applied (by any bridge) within its TTL."""
-        with redis_errors("reading an SNS message id"):
-            return bool(await self.client.exists(sns_message_key(message_id)))
-
-    async def remember_message(self, message_id: str, *, ttl: int) -> None:
-        with redis_errors("remembering an SNS message id"):
-            await self.client.set(sns_message_key(message_id), "1", ex=ttl)

@@ -19,6 +19,11 @@ Library errors become these at the boundary (`raise StoreUnavailable(...) from e
 
 from __future__ import annotations
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
+"""What an aiobotocore call raises when AWS refuses or is unreachable (SNS publisher, SQS poller catch it)."""
+
 
 class OptOutError(Exception):
     """Base of every error this package raises on purpose."""

@@ -295,6 +295,12 @@ class HangupInfo(_Camel):
         """The hangup request was accepted (the channel was up)."""
         return self.result == "ok"
 
+    @classmethod
+    def failed(cls, method: str, exc: Exception, *, requested_at: datetime) -> HangupInfo:
+        """A hangup request that raised `exc` (ARI, AMI, the worker endpoint): `timeout`, or `error: ...`."""
+        why = "timeout" if isinstance(exc, TimeoutError) else f"error: {exc or type(exc).__name__}"
+        return cls(requested_at=requested_at, method=method, result=why)
+
 
 class SpeechEvidence(_Camel):
     """What an utterance said, as the audit row keeps it (agent/speech): personal data, like the number."""
@@ -370,10 +376,6 @@ class OptOutRecord(_Camel):
     @classmethod
     def _clean_channel(cls, value: Any) -> Any:
         return clean_json(value) if isinstance(value, dict) else value
-
-    @property
-    def number_known(self) -> bool:
-        return self.phone_number is not None
 
     def entry(self) -> BlacklistEntry:
         """The blacklist entry this record adds (its `addedAt` is when the agent received it)."""

@@ -28,12 +28,12 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import EVENT_TYPE_NUMBER_UNKNOWN, EVENT_TYPE_OPTOUT, SNS_ORIGIN_ATTRIBUTE, Origin
-from agent.errors import PublishUnavailable
+from agent.errors import AWS_ERRORS, PublishUnavailable
 from agent.journal import Journal
 from agent.lifecycle import Resource, within
 from agent.optout import OptOutRecord, clean_text
@@ -142,7 +142,7 @@ class SnsPublisher(Resource):
                                        MessageAttributes={
                                            "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
                                            "eventType": {"DataType": "String", "StringValue": event_type}})
-        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+        except AWS_ERRORS as exc:
             metrics.PUBLISH_ERRORS.inc()
             log.warning("publishing a %s event failed: %s", event_type, exc)
             return False
@@ -232,13 +232,10 @@ class SnsPublisher(Resource):
         entries = [self._entry(i, record) for i, record in enumerate(records)]
         try:
             response = await self._client.publish_batch(TopicArn=self._topic_arn, PublishBatchRequestEntries=entries)
-        except ClientError as exc:
+        except AWS_ERRORS as exc:
             metrics.PUBLISH_ERRORS.inc()
-            if _refused_for_content(exc):
+            if isinstance(exc, ClientError) and _refused_for_content(exc):
                 raise _BatchRefused(f"PublishBatch refused: {exc}") from exc
-            raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
-        except (BotoCoreError, OSError, TimeoutError) as exc:
-            metrics.PUBLISH_ERRORS.inc()
             raise PublishUnavailable(f"PublishBatch to {self._topic_arn} failed: {exc}") from exc
         by_id = {f"m{i}": record.event_id for i, record in enumerate(records)}
         refused: list[str] = []

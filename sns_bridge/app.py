@@ -2,7 +2,7 @@
 
 Opens the core (journal, store, Redis) and runs, until SIGTERM/SIGINT: the HTTP endpoint when
 BRIDGE_HTTP_PORT is not 0, the SQS poller when BRIDGE_SQS_QUEUE_URL is set, the journal Replayer, the cache
-keeper and the health checks. Imports no telephony code.
+keeper, the health checks and housekeeping. Imports no telephony code.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from aiobotocore.session import get_session
 from agent.core import Core, drain_inflight, migrate_until_done, open_core, supervised
 from agent.errors import ConfigError
 from agent.health import Health
+from agent.housekeeping import Housekeeping
 from agent.pipeline import Replayer
 from agent.settings import Settings
 from sns_bridge.handler import BridgeHandler, MessageIdDedupe
 from sns_bridge.hangup import WorkerHangup
-from sns_bridge.http import BridgeHttp, certificate_client
+from sns_bridge.http import BridgeHttp
 from sns_bridge.sqs import SqsPoller
-from sns_bridge.verify import HttpCertificateSource, SnsVerifier
+from sns_bridge.verify import HttpCertificateSource, SnsVerifier, certificate_client
 
 log = logging.getLogger("sns_bridge.app")
 
@@ -62,7 +63,7 @@ async def open_handler(settings: Settings, core: Core, stack: AsyncExitStack) ->
     else:
         log.info("ASTERISK_WORKER_URL is not set: SNS opt-outs are stored without ending calls")
     return BridgeHandler(pipeline=core.pipeline, region=settings.optout_default_region,
-                         dedupe=MessageIdDedupe(cache=core.cache), worker=worker)
+                         dedupe=MessageIdDedupe(redis=None if core.cache is None else core.cache.client), worker=worker)
 
 
 async def _serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -98,11 +99,12 @@ async def _serve(settings: Settings, stop: asyncio.Event) -> None:
                 allowed_topic_arns=settings.topic_allow_list, wait_seconds=SQS_WAIT_SECONDS,
             )
         replayer = Replayer(core.pipeline, interval=settings.replay_interval_seconds)
-        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds,
-                        retention=timedelta(days=settings.optout_journal_retention_days))
+        health = Health(core, on_store_back=replayer.wake, interval=settings.health_interval_seconds)
+        upkeep = Housekeeping(journal=core.journal, store=core.store,
+                              retention=timedelta(days=settings.optout_journal_retention_days))
         async with asyncio.TaskGroup() as tg:
             named = {"journal-replayer": replayer.run, "store-migrate": lambda: migrate_until_done(core.store),
-                     "health": health.run}
+                     "health": health.run, "housekeeping": upkeep.run}
             if core.keeper is not None:
                 named["cache-keeper"] = core.keeper.run
             tasks = [tg.create_task(supervised(name, run), name=name) for name, run in named.items()]

@@ -69,7 +69,7 @@ class HeaderMismatch(SnsVerificationError):
 class CertificateRefused(SnsVerificationError):
     """The certificate host answered with a redirect or a 4xx: no certificate will come from there.
 
-    Raised by the response hook of ``sns_bridge.http.certificate_client``; permanent (answer 4xx).
+    Raised by ``sns_bridge.verify.refuse_redirects_and_4xx``; permanent (answer 4xx).
     """
 
 

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from agent import metrics
-from agent.cache import RedisCache
-from agent.constants import SNS_MESSAGE_TTL_SECONDS, Origin
+from agent.cache import redis_errors
+from agent.constants import SNS_MESSAGE_TTL_SECONDS, Origin, sns_message_key
 from agent.errors import CacheUnavailable, InvalidInput
 from agent.optout import ID_MAX, HangupInfo, clean_text, parse_event, record_from_event
 from agent.pipeline import HangUp, OptOutPipeline, Status
@@ -83,9 +85,9 @@ class MessageIdDedupe:
     which recognises the event id anyway.
     """
 
-    def __init__(self, *, cache: RedisCache | None, ttl_seconds: int = SNS_MESSAGE_TTL_SECONDS,
+    def __init__(self, *, redis: aioredis.Redis | None, ttl_seconds: int = SNS_MESSAGE_TTL_SECONDS,
                  memory_size: int = 10_000) -> None:
-        self._cache = cache
+        self._redis = redis
         self._ttl = ttl_seconds
         self._size = memory_size
         self._memory: OrderedDict[str, None] = OrderedDict()
@@ -94,10 +96,11 @@ class MessageIdDedupe:
         if message_id in self._memory:
             self._memory.move_to_end(message_id)
             return True
-        if self._cache is None:
+        if self._redis is None:
             return False
         try:
-            return await self._cache.message_seen(message_id)
+            with redis_errors("reading an SNS message id"):
+                return bool(await self._redis.exists(sns_message_key(message_id)))
         except CacheUnavailable as exc:
             log.warning("Redis MessageId lookup failed (the pipeline still dedupes by eventId): %s", exc)
             return False
@@ -107,10 +110,11 @@ class MessageIdDedupe:
         self._memory.move_to_end(message_id)
         while len(self._memory) > self._size:
             self._memory.popitem(last=False)
-        if self._cache is None:
+        if self._redis is None:
             return
         try:
-            await self._cache.remember_message(message_id, ttl=self._ttl)
+            with redis_errors("remembering an SNS message id"):
+                await self._redis.set(sns_message_key(message_id), "1", ex=self._ttl)
         except CacheUnavailable as exc:
             log.warning("Redis MessageId write failed (kept in memory only): %s", exc)
 

@@ -35,7 +35,7 @@ class WorkerHangup:
             response = await self._client.post(url, headers=self._headers, timeout=self._timeout)
         except httpx.HTTPError as exc:
             log.warning("hanging up call %s through %s failed: %r", call_id, self._base, exc)
-            return HangupInfo(requested_at=requested_at, method=METHOD, result=f"error: {exc!r}"[:200])
+            return HangupInfo.failed(METHOD, exc, requested_at=requested_at)
         if response.status_code == 200:
             return HangupInfo(requested_at=requested_at, hungup_at=utcnow(), method=METHOD, result="ok")
         if response.status_code == 404:

@@ -36,28 +36,6 @@ from sns_bridge.verify import MessageType, SnsMessage, SnsVerifier, verify_heade
 log = logging.getLogger("sns_bridge.http")
 
 
-async def _refuse_redirects_and_4xx(response: httpx.Response) -> None:
-    if 300 <= response.status_code < 500:
-        location = response.headers.get("location")
-        raise CertificateRefused(
-            f"{response.request.url} answered HTTP {response.status_code}"
-            + (f" redirecting to {location!r}" if location else "")
-            + "; SNS's own host never does"
-        )
-
-
-def certificate_client(*, transport: httpx.AsyncBaseTransport | None = None, timeout: float = 5.0) -> httpx.AsyncClient:
-    """The httpx client for certificate and SubscribeURL fetches: no redirects, and a redirect or 4xx is
-    CertificateRefused (permanent) rather than the transient CertificateUnavailable. `transport` is for tests.
-    """
-    return httpx.AsyncClient(
-        transport=transport,
-        follow_redirects=False,
-        timeout=timeout,
-        event_hooks={"response": [_refuse_redirects_and_4xx]},
-    )
-
-
 class BridgeHttp(AppServer):
     """Serves POST /sns on host:port (async context manager). `client` fetches SubscribeURLs; it is the caller's."""
 

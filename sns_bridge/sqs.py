@@ -33,18 +33,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import Origin
-from agent.errors import JournalError
+from agent.errors import AWS_ERRORS, JournalError
 from sns_bridge.errors import EventRejected
 from sns_bridge.handler import BridgeHandler, Handled, attribute_values
 
 log = logging.getLogger("sns_bridge.sqs")
 
-_AWS_ERRORS = (BotoCoreError, ClientError, OSError, TimeoutError)
 POISON_RECEIVES = 5
 """Receives after which a message that keeps failing is set aside (module docstring)."""
 PARK_SECONDS = 12 * 3600
@@ -120,7 +117,7 @@ class SqsPoller:
         while True:
             try:
                 await self.poll_once()
-            except _AWS_ERRORS as exc:
+            except AWS_ERRORS as exc:
                 await asyncio.sleep(backoff.delay(exc))
                 continue
             backoff.reset()
@@ -212,7 +209,7 @@ class SqsPoller:
                 response = await self._client.get_queue_attributes(QueueUrl=self._queue_url,
                                                                    AttributeNames=["RedrivePolicy"])
                 found = bool(response.get("Attributes", {}).get("RedrivePolicy"))
-            except _AWS_ERRORS as exc:
+            except AWS_ERRORS as exc:
                 log.warning("reading the redrive policy of %s failed: %s", self._queue_url, exc)
                 found = False
             self._redrive = (found, now)
@@ -223,7 +220,7 @@ class SqsPoller:
                    for i, m in enumerate(messages)]
         try:
             await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
-        except _AWS_ERRORS as exc:
+        except AWS_ERRORS as exc:
             log.warning("parking %d SQS messages failed (they come back sooner): %s", len(entries), exc)
 
     async def _keep_invisible(self, messages: Sequence[Mapping[str, Any]], pending: set[str]) -> None:
@@ -239,14 +236,14 @@ class SqsPoller:
                 return
             try:
                 await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
-            except _AWS_ERRORS as exc:
+            except AWS_ERRORS as exc:
                 log.warning("extending visibility of %d SQS messages failed: %s", len(entries), exc)
 
     async def _delete(self, messages: Sequence[Mapping[str, Any]]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
         try:
             response = await self._client.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
-        except _AWS_ERRORS as exc:
+        except AWS_ERRORS as exc:
             # Durable already: a redelivery is recognised by MessageId / eventId.
             log.warning("deleting %d handled SQS messages failed; they will come back as duplicates: %s",
                         len(entries), exc)

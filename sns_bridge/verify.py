@@ -247,6 +247,21 @@ class SnsMessage:
     message_attributes: Mapping[str, Any]
 
 
+async def refuse_redirects_and_4xx(response: httpx.Response) -> None:
+    """The one rule for the certificate host (certificate and SubscribeURL fetches): a redirect or a 4xx is
+    CertificateRefused, permanent (403, SNS stops); a 5xx may pass (503, SNS retries). Never followed."""
+    if 300 <= response.status_code < 500:
+        location = response.headers.get("location")
+        raise CertificateRefused(f"fetch of {response.request.url} answered HTTP {response.status_code}" + (
+            f" redirecting to {_show(location)}; redirects are refused" if location else ""))
+
+
+def certificate_client(*, transport: httpx.AsyncBaseTransport | None = None, timeout: float = 5.0) -> httpx.AsyncClient:
+    """The client for certificate and SubscribeURL fetches: the rule above on every response. (`transport`: tests.)"""
+    return httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=timeout,
+                             event_hooks={"response": [refuse_redirects_and_4xx]})
+
+
 class CertificateSource(Protocol):
     async def fetch(self, url: str) -> bytes:
         """Return the PEM certificate at ``url``, an already validated SigningCertURL.
@@ -344,18 +359,9 @@ class HttpCertificateSource(Resource):
 
     async def _get(self, url: str) -> bytes:
         async with self._client.stream("GET", url, follow_redirects=False, timeout=self._timeout) as response:
-            status = response.status_code
-            # One policy with the bridge's client (sns_bridge/http.py): a redirect or a 4xx from the
-            # certificate host is permanent (403, SNS stops); a 5xx may pass (503, SNS retries).
-            if 300 <= status < 400:
-                location = response.headers.get("location")
-                raise CertificateRefused(
-                    f"fetch of {url} answered {status} redirecting to {_show(location)}; redirects are refused"
-                )
-            if 400 <= status < 500:
-                raise CertificateRefused(f"fetch of {url} answered HTTP {status}")
-            if status != 200:
-                raise CertificateUnavailable(f"fetch of {url} answered HTTP {status}")
+            await refuse_redirects_and_4xx(response)
+            if response.status_code != 200:
+                raise CertificateUnavailable(f"fetch of {url} answered HTTP {response.status_code}")
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk

@@ -67,11 +67,6 @@ class Segmenter:
         """Frames pushed so far (an utterance's `ended_frame` is on this clock)."""
         return self._index
 
-    @property
-    def active(self) -> bool:
-        """Inside an utterance."""
-        return bool(self._frames)
-
     def push(self, frame: bytes) -> Utterance | None:
         """One frame of 16-bit little-endian PCM (FRAME_SAMPLES samples); an utterance when one just ended."""
         if len(frame) != FRAME_SAMPLES * 2:

@@ -115,7 +115,7 @@ def serve(dsn: str, journal_path: str, pem: bytes, port: Any, ready: MpEvent, st
     async def main() -> None:
         async with pipeline_on(dsn, Path(journal_path)) as pipeline, httpx.AsyncClient() as client:
             handler = BridgeHandler(pipeline=pipeline, region="US",
-                                    dedupe=MessageIdDedupe(cache=pipeline.cache))
+                                    dedupe=MessageIdDedupe(redis=pipeline.cache.client if pipeline.cache else None))
             verifier = SnsVerifier(allowed_topic_arns=frozenset({TOPIC_ARN}), certificates=MemoryCertificates(pem),
                                    max_age=timedelta(hours=1))
             async with BridgeHttp(handler=handler, verifier=verifier, client=client, host="127.0.0.1", port=0,
@@ -222,7 +222,7 @@ async def bench_sqs(endpoint: str, n: int, pollers: int) -> None:
             ])
         with tempfile.TemporaryDirectory() as tmp:
             async with pipeline_on(dsn, Path(tmp) / "journal.db") as pipeline:
-                handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=None))
+                handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=None))
                 tasks = [
                     asyncio.create_task(SqsPoller(handler=handler, client=sqs, queue_url=queue, wait_seconds=1).run())
                     for _ in range(pollers)

@@ -32,8 +32,8 @@ from agent.journal import Journal
 from agent.pipeline import OptOutPipeline
 from sns_bridge.handler import BridgeHandler, MessageIdDedupe
 from sns_bridge.hangup import WorkerHangup
-from sns_bridge.http import BridgeHttp, certificate_client
-from sns_bridge.verify import HttpCertificateSource, SnsVerifier
+from sns_bridge.http import BridgeHttp
+from sns_bridge.verify import HttpCertificateSource, SnsVerifier, certificate_client
 
 
 @pytest.fixture(scope="session")
@@ -266,7 +266,8 @@ async def worker_hangup(worker: WorkerServer) -> AsyncIterator[WorkerHangup]:
 
 @pytest.fixture
 def bridge_handler(pipeline: OptOutPipeline, cache: Any, worker_hangup: WorkerHangup) -> BridgeHandler:
-    return BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache), worker=worker_hangup)
+    return BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client),
+                         worker=worker_hangup)
 
 
 # --- the HTTP endpoint -------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def signed(identity: SigningIdentity, message: str, **overrides: Any) -> dict[st
 async def store_down_endpoint(journal: Journal, cache: RedisCache, transport: ToLocalServer) -> AsyncIterator[Endpoint]:
     async with PostgresStore("postgresql://postgres@127.0.0.1:1/x", timeout=0.5) as dead:
         pipeline = OptOutPipeline(journal=journal, store=dead, cache=cache)
-        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache))
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client))
         async for ep in open_endpoint(handler, transport, journal):
             yield ep
 

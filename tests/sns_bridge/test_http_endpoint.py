@@ -124,7 +124,7 @@ async def endpoint_store_down(
 ) -> AsyncIterator[Endpoint]:
     async with PostgresStore("postgresql://postgres@127.0.0.1:1/x", timeout=0.5) as dead:
         pipeline = OptOutPipeline(journal=journal, store=dead, cache=cache)
-        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache))
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client))
         async for ep in open_endpoint(handler, transport, journal):
             yield ep
 
@@ -160,7 +160,7 @@ async def test_neither_journal_nor_store_answers_5xx_so_sns_retries(
     journal = Journal(tmp_path / "broken.db")
     async with Pg("postgresql://postgres@127.0.0.1:1/none", timeout=0.3) as dead:
         pipeline = OptOutPipeline(journal=journal, store=dead, cache=None)  # the journal was never opened
-        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=None))
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=None))
         async for ep in open_endpoint(handler, transport, journal):
             response = await ep.post(signed_optout(identity))
     assert response.status_code == 503

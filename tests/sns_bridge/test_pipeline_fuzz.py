@@ -134,7 +134,7 @@ async def test_random_events_and_sessions_through_the_whole_pipeline(
     started = time.monotonic()
     async with Journal(tmp_path / f"fuzz-{uuid.uuid4().hex[:6]}.db", publish=True) as journal:
         pipeline = OptOutPipeline(journal=journal, store=pg_store, cache=cache)
-        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(cache=cache))
+        handler = BridgeHandler(pipeline=pipeline, region="US", dedupe=MessageIdDedupe(redis=cache.client))
         intake = Intake(pipeline=pipeline, digit="9", region="US")
         checker = BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US")
         guard = DialGuard(checker=checker, store=pg_store)
