@@ -8,8 +8,7 @@ SQLite in WAL mode. Two ways to be durable (`OPTOUT_JOURNAL_SYNC`):
   the call.
 - `strict`: every batch holding a `durable` operation (an append) commits with `synchronous=FULL`, i.e. is
   fsynced before the call is ended; `sync()` has nothing left to do.
-Every write is one small `JournalOp`; they are group-committed (agent/batching.py): what arrives while one
-batch is written goes in the next, one transaction per batch.
+Each write is one `JournalOp`, group-committed (agent/batching.py): what comes during a batch goes in the next.
 
 Why the SNS outbox, the park list and the health probe live here: one row per opt-out carries its store
 state and its publish state, so each transition (stored, published, refused, parked, given back) is one
@@ -58,8 +57,7 @@ class StoreState(Enum):
     STORED = auto()
     """In the store (Mark, by the pipeline or the replayer). Final."""
     PARKED = auto()
-    """The store refused it PARK_AFTER times (Failed): the replayer skips it, the dialers still see it, and
-    `optout parked --retry` gives it back (Unpark)."""
+    """Refused by the store PARK_AFTER times (Failed): skipped by the replayer, still seen by the dialers."""
 
 
 class PublishState(Enum):
@@ -81,18 +79,11 @@ def _is(state: StoreState | PublishState, op: str = "=") -> str:
 
 _UNSTORED = _is(StoreState.STORED, "!=")
 _SCHEMA_VERSION = 4
-_TABLE = f"""(
-    event_id        TEXT PRIMARY KEY,
-    record          TEXT NOT NULL,
-    journaled_at    TEXT NOT NULL,
-    store_state     TEXT NOT NULL CHECK (store_state IN ({','.join(repr(s.name) for s in StoreState)})),
-    publish_state   TEXT NOT NULL CHECK (publish_state IN ({','.join(repr(s.name) for s in PublishState)})),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    last_error      TEXT,
-    refusals        INTEGER NOT NULL DEFAULT 0,
-    phone_number    TEXT,
-    source_event_id TEXT
-)"""
+_TABLE = f"""(event_id TEXT PRIMARY KEY, record TEXT NOT NULL, journaled_at TEXT NOT NULL,
+    store_state TEXT NOT NULL CHECK (store_state IN ({','.join(repr(s.name) for s in StoreState)})),
+    publish_state TEXT NOT NULL CHECK (publish_state IN ({','.join(repr(s.name) for s in PublishState)})),
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, refusals INTEGER NOT NULL DEFAULT 0,
+    phone_number TEXT, source_event_id TEXT)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS journal {_TABLE};
 CREATE INDEX IF NOT EXISTS journal_unstored ON journal (journaled_at) WHERE {_is(StoreState.PENDING)};
@@ -121,8 +112,13 @@ def _upgrade(conn: sqlite3.Connection, columns: set[str]) -> None:
     conn.execute("ALTER TABLE journal_v4 RENAME TO journal")
 
 
-def _fsync_path(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_path(path: str | Path, missing_ok: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if missing_ok:  # a WAL checkpointed away: what it held is in the database file, synced by the checkpoint
+            return
+        raise
     try:
         os.fsync(fd)
     finally:
@@ -414,14 +410,9 @@ class Journal(Resource):
     async def _fsync(self, items: Sequence[None]) -> list[None]:
         assert self._sync_thread is not None
         with self._failing("fsync", health=True):
-            await asyncio.get_running_loop().run_in_executor(self._sync_thread, self._fsync_wal)
+            wal = f"{self._path}-wal"
+            await asyncio.get_running_loop().run_in_executor(self._sync_thread, _fsync_path, wal, True)
         return [None] * len(items)
-
-    def _fsync_wal(self) -> None:
-        try:
-            _fsync_path(f"{self._path}-wal")
-        except FileNotFoundError:
-            return  # checkpointed away: what it held is in the database file, synced by the checkpoint
 
     # --- reads: on the journal's thread, not queued -------------------------------------------------
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
