@@ -212,7 +212,8 @@ async def cmd_parked(core: Core, args: argparse.Namespace) -> int:
     parked = await core.journal.parked()
     for p in parked:
         number = _shown(p.phone_number, core.settings) if p.phone_number else "-"
-        print(f"{p.event_id}\t{p.kind}\t{number}\t{p.journaled_at}\tattempts={p.attempts}\t{p.last_error or ''}")
+        print(f"{p.event_id}\t{p.kind}\t{number}\t{p.journaled_at.isoformat()}\tattempts={p.attempts}"
+              f"\t{p.last_error or ''}")
     if not parked:
         print(f"nothing parked in {core.journal.path}", file=sys.stderr)
     return EXIT_FOUND if parked else EXIT_OK

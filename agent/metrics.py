@@ -98,7 +98,7 @@ PREVENTED = Bounded(Counter("optout_prevented_calls_total", "Calls to blackliste
 CONNECTED = Bounded(Gauge("optout_connected", "1 when the named upstream is connected", ["upstream"]), UPSTREAMS)
 PUBLISHED = Counter("optout_published_total", "Opt-outs published to SNS")
 PUBLISH_ERRORS = Counter("optout_publish_errors_total", "SNS publish failures")
-PUBLISH_PARKED = Counter("optout_publish_refused_total", "Opt-outs SNS refused for good (left out of the outbox)")
+PUBLISH_REFUSED = Counter("optout_publish_refused_total", "Opt-outs SNS refused for good (left out of the outbox)")
 ISOLATED = Bounded(Counter(
     "optout_isolated_failures_total", "Failures of one record (or one pass) contained so that the loop goes on, by "
     "where", ["loop"]), LOOPS)

@@ -180,7 +180,7 @@ class SnsPublisher(Resource):
                 metrics.PUBLISHED.inc(len(accepted))
                 done += len(accepted)
             if refused:
-                metrics.PUBLISH_PARKED.inc(len(refused))
+                metrics.PUBLISH_REFUSED.inc(len(refused))
                 await self._journal.mark_publish_refused(refused)
             failures = [r for r in results if isinstance(r, BaseException)]
             for failure in failures:

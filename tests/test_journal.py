@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Awaitable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from agent.journal import AppendResult, Journal
+from agent.journal import (
+    PARK_AFTER,
+    Append,
+    AppendResult,
+    Failed,
+    Journal,
+    Mark,
+    PublishState,
+    Replace,
+    StoreState,
+    Unpark,
+)
 from agent.sqlite_db import transaction
 from tests.conftest import make_record
 
@@ -155,3 +169,83 @@ def test_a_failed_commit_never_leaves_the_connection_inside_a_transaction(tmp_pa
     with transaction(conn):
         conn.execute("INSERT INTO p VALUES (1)")
     assert conn.execute("SELECT count(*) FROM p").fetchone() == (1,)
+
+
+def _states(path: Path) -> dict[str, tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {e: (s, p) for e, s, p in conn.execute("SELECT event_id, store_state, publish_state FROM journal")}
+
+
+async def test_a_version_3_journal_is_rebuilt_with_states_by_name_and_loses_nothing(tmp_path: Path) -> None:
+    path, records = tmp_path / "v3.db", [make_record(f"+97250123456{i}", event_id=f"ev-{i}") for i in range(5)]
+    old = [(1, 1, 0, 0), (0, 0, 0, 1), (0, 2, 1, 3), (1, 2, 0, 0), (0, 1, 0, 2)]  # stored, published, parked, refusals
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(  # the version 3 schema, as it was
+            "CREATE TABLE journal (event_id TEXT PRIMARY KEY, record TEXT NOT NULL, journaled_at TEXT NOT NULL,"
+            " stored INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL"
+            " DEFAULT 0, last_error TEXT, parked INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0,"
+            " phone_number TEXT, source_event_id TEXT);"
+            "CREATE INDEX journal_unstored ON journal (stored) WHERE stored = 0;"
+            "CREATE INDEX journal_unpublished ON journal (published) WHERE published = 0;"
+            "CREATE TABLE journal_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL); PRAGMA user_version = 3;")
+        conn.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
+            (r.event_id, r.to_json(), f"2026-01-01T00:00:0{i}+00:00", *o[:2], i, "refused" if o[2] else None,
+             *o[2:], r.phone_number, r.source_event_id) for i, (r, o) in enumerate(zip(records, old, strict=True))])
+        conn.commit()
+    async with Journal(path, publish=True) as j:
+        assert _states(path) == {"ev-0": ("STORED", "PUBLISHED"), "ev-1": ("PENDING", "PENDING"),
+                                 "ev-2": ("PARKED", "REFUSED"), "ev-3": ("STORED", "REFUSED"),
+                                 "ev-4": ("PENDING", "PUBLISHED")}
+        assert [r.event_id for r in await j.unstored()] == ["ev-1", "ev-4"]
+        assert [r.event_id for r in await j.unpublished()] == ["ev-1"]
+        assert [(p.event_id, p.kind, p.attempts) for p in await j.parked()] == [
+            ("ev-2", "store", 2), ("ev-3", "sns", 3)]
+        assert await j.depth() == 3 and {e for e, _ in await j.unstored_numbers()} == {"ev-1", "ev-2", "ev-4"}
+        assert await j.append(records[0]) is AppendResult.STORED and await j.append(records[2]) is AppendResult.PENDING
+        assert await j.unpark(["ev-2"]) == 2, "parked by the store and refused by SNS: both given back"
+        assert [r.event_id for r in await j.unstored()] == ["ev-1", "ev-2", "ev-4"]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")} \
+            == {"journal_unstored", "journal_unpublished", "journal_unstored_number", "journal_source"}
+        assert conn.execute("SELECT count(*) FROM journal").fetchone() == (5,)
+
+
+async def test_each_transition_moves_the_row_states_named_in_the_enums(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    stored, refused, unsent = make_record("+972501234567"), make_record("+972501234568"), make_record("+972501234569")
+    async with Journal(path, publish=True) as j:
+        for rec in (stored, refused, unsent):
+            assert await j.append(rec) is AppendResult.NEW
+        assert set(_states(path).values()) == {(StoreState.PENDING.name, PublishState.PENDING.name)}
+        await j.mark_stored([stored.event_id])
+        await j.mark_published([stored.event_id])
+        await j.mark_publish_refused([unsent.event_id])
+        assert [await j.mark_failed(refused.event_id, "no", rejected=True) for _ in range(PARK_AFTER)] \
+            == [False] * (PARK_AFTER - 1) + [True]
+        assert _states(path) == {stored.event_id: ("STORED", "PUBLISHED"), refused.event_id: ("PARKED", "PENDING"),
+                                 unsent.event_id: ("PENDING", "REFUSED")}
+        assert await j.unpublished() == [refused] and await j.unstored() == [unsent]
+        assert await j.unpark() == 2, "one row back to the replayer, one back to the outbox"
+        assert {r.event_id for r in await j.unpublished()} == {refused.event_id, unsent.event_id}
+        assert {r.event_id for r in await j.unstored()} == {refused.event_id, unsent.event_id}
+        assert await j.prune(timedelta(0)) == 1 and stored.event_id not in _states(path)
+    async with Journal(tmp_path / "quiet.db", publish=False) as j:
+        await j.append(stored)
+        assert _states(tmp_path / "quiet.db") == {stored.event_id: ("PENDING", "NOT_NEEDED")}
+        assert await j.unpublished() == []
+
+
+async def test_strict_mode_fsyncs_only_batches_holding_a_durable_operation(tmp_path: Path) -> None:
+    assert Append.durable and Replace.durable and not (Mark.durable or Failed.durable or Unpark.durable)
+    async with Journal(tmp_path / "j.db", sync="strict") as j:
+        def synchronous() -> Awaitable[int]:  # 2 = FULL, 1 = NORMAL
+            return j._db.run(lambda c: int(c.execute("PRAGMA synchronous").fetchone()[0]))
+
+        rec = make_record()
+        await j.append(rec)
+        assert await synchronous() == 2
+        await j.mark_stored([rec.event_id])
+        assert await synchronous() == 1
+        await j.replace(rec)
+        assert await synchronous() == 2

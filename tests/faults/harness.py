@@ -380,7 +380,8 @@ def journal_counts(path: Path) -> dict[str, int]:
         return {"rows": 0, "unstored": 0, "unpublished": 0}
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
         total, unstored, unpublished = db.execute(
-            "SELECT count(*), coalesce(sum(stored = 0), 0), coalesce(sum(published = 0), 0) FROM journal"
+            "SELECT count(*), coalesce(sum(store_state != 'STORED'), 0), coalesce(sum(publish_state = 'PENDING'), 0)"
+            " FROM journal"
         ).fetchone()
     return {"rows": int(total), "unstored": int(unstored), "unpublished": int(unpublished)}
 
@@ -390,7 +391,8 @@ def journal_numbers(path: Path) -> dict[str, bool]:
     if not path.exists():
         return {}
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-        rows = db.execute("SELECT json_extract(record, '$.phoneNumber'), stored FROM journal").fetchall()
+        rows = db.execute(
+            "SELECT json_extract(record, '$.phoneNumber'), store_state = 'STORED' FROM journal").fetchall()
     return {str(number): bool(flag) for number, flag in rows if number}
 
 
