@@ -4,7 +4,7 @@ Scripts (the dialplan in `dialplan/optout-ivr.conf` and `optout-precheck.conf` c
 - `optout`: the caller pressed the opt-out digit. The channel's facts (AGI headers, `NAME=value`
   arguments, `GET VARIABLE` for what is missing) go to the intake (agent/intake.py), which journals the
   opt-out and ends the call with the AGI `HANGUP` command on this connection.
-- `precheck`: the dial guard (agent/guard.py) for the number in argument 1 (else the channel variable
+- `precheck`: the dial guard (agent/dial_guard.py) for the number in argument 1 (else the channel variable
   OPTOUT_NUMBER): `SET VARIABLE OPTOUT_BLOCKED 1|0`. An invalid or missing number answers 1 (blocked: nobody
   can show it is clear). When the lookup fails the variable is left unset, and the dialplan applies its
   policy: blocked (fail closed) unless the global OPTOUT_PRECHECK_FAIL_OPEN=1.
@@ -56,8 +56,8 @@ from panoramisk.utils import parse_agi_result
 
 from agent import metrics
 from agent.constants import Origin
+from agent.dial_guard import DialGuard, Verdict
 from agent.errors import AgiProtocolError, TelephonyError
-from agent.guard import DialGuard, Verdict
 from agent.intake import Intake
 from agent.lifecycle import Resource, within
 from agent.optout import HangupInfo

@@ -1,50 +1,11 @@
 """Redis: the dialers' view of the blacklist, derived from the store (the system of record).
 
-The whole model is written here once; the README's pre-dial section shows the same tables.
-
-Keys (names in agent/constants.py). Writers only ever add; one keeper at a time owns the rest.
-
-| key                      | type   | written by                                                            |
-|--------------------------|--------|-----------------------------------------------------------------------|
-| `blacklist:numbers`      | set    | writers SADD an opt-out's number before the store has it; the keeper  |
-|                          |        | applies the store's changes in order and swaps rebuilds in (with the  |
-|                          |        | `~sentinel` member only a rebuild adds)                               |
-| `blacklist:{phone}`      | string | writers SET NX the entry; the keeper sets it from the store and DELs  |
-|                          |        | it on a removal                                                       |
-| `blacklist:view`         | hash   | keeper: `seq`, `lineage` (the store change the set holds up to, and   |
-|                          |        | that row's chain hash); writers: `p:{eventId}` -> number for each     |
-|                          |        | opt-out the store may not have yet; the keeper drops a `p:` field     |
-|                          |        | once the set holds that opt-out as a stored change                    |
-| `blacklist:synced`       | string | keeper only: the lease `"{seq} {lineage}"` (or `hold`), expiring      |
-| `blacklist:keeper`       | string | keepers: the lock (redis-py `Lock`), held for one round               |
-| `blacklist:numbers:next` | set    | keeper: a rebuild's copy of the store, swapped in for the set         |
-| `optout_action:{id}`     | string | writers, kept 24 h; `campaign:{id}:optouts`: writers count opt-outs   |
-
-Writers: the pipeline of every process (agent, bridge, Lambda, CLI) and, every keeper round, each process
-re-asserting the opt-outs its journal holds unstored. The keeper (agent/keeper.py) runs in every agent and
-bridge; only the holder of `blacklist:keeper` acts, and every script it runs checks its token first, so a
-paused former keeper cannot write over a newer one (the sequence is checked too).
-
-States of the view (`RedisCache.state()`):
-
-| state        | what Redis holds                            | moved there by                                   |
-|--------------|---------------------------------------------|--------------------------------------------------|
-| `LOST`       | no sentinel in the set, or no `seq`          | Redis restarted, flushed, failed over, evicted   |
-| `REBUILDING` | as LOST, and `blacklist:numbers:next` exists | the keeper copying the store                     |
-| `STALE`      | sentinel and `seq`, no lease                 | a swap; the lease running out (no keeper, store  |
-|              |                                             | unreachable; the keeper drops it when the store's |
-|              |                                             | lineage changed: restored or failed over)        |
-| `CURRENT`    | sentinel, `seq` and the lease                | the keeper, once the set holds every change up to |
-|              |                                             | the store head it read                            |
-
-What a reader may trust: a member is blacklisted in every state. "Not a member" is "clear" only in CURRENT
-(the lease, the sentinel and membership are read in one MULTI); otherwise the store answers. `optout check`
-(strict) also asks the store whether the lease's `seq` is its head and `lineage` the hash of that row.
-
-A pending `p:` field outlives every rebuild (the swap unions them into the new set) and every removal (the
-keeper never takes out a number some writer holds unstored), and is re-asserted by its process every
-round, so a Redis that lost it has it back within a round. The scripts touch several keys: Redis
-standalone or Sentinel, not Cluster.
+The model (keys, who writes each, the view's states, what a reader may trust) is written once, in the
+README's "Pre-dial check: the read model" section; `ViewState` and the scripts below follow it.
+Writers (every process's pipeline, and each process re-asserting what its journal holds unstored every
+keeper round) only ever add; the keeper (agent/keeper.py) that holds `blacklist:keeper` owns the rest, and
+every script it runs checks its token and the view's sequence first, so a paused former keeper cannot
+write over a newer one. The scripts touch several keys: Redis standalone or Sentinel, not Cluster.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from agent.backoff import Backoff
 from agent.cache import RedisCache, connect
+from agent.dial_guard import DialGuard
 from agent.errors import StoreUnavailable
-from agent.guard import DialGuard
 from agent.journal import Journal
 from agent.keeper import CacheKeeper
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline
-from agent.precheck import BlacklistChecker
 from agent.settings import Settings
 from agent.store import Store
 from agent.store_postgres import PostgresStore

@@ -7,7 +7,7 @@
     POST /calls/{callId}/hangup   end the call whose CALL_ID is callId (bearer token); `/terminate` is the
                                   old name of the same endpoint, kept for existing callers
     POST /calls                   the dial guard: check the number (failing closed), then originate to the
-                                  endpoint built from that number (OPTOUT_DIAL_ENDPOINT, agent/guard.py)
+                                  endpoint built from that number (OPTOUT_DIAL_ENDPOINT, agent/dial_guard.py)
 
 Every error answer is JSON `{"error": "..."}` naming the field and the problem where there is one. Every
 identifier (callId, campaignId, contactId, the path's callId, variable values) must pass the identifier rule
@@ -29,8 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.constants import Origin
+from agent.dial_guard import DialGuard, Verdict, dial_endpoint, dial_template_problem
 from agent.errors import ConfigError, TelephonyError
-from agent.guard import DialGuard, Verdict, dial_endpoint, dial_template_problem
 from agent.lifecycle import Resource
 from agent.optout import ID_MAX, HangupInfo, id_problem, text_problem
 

@@ -279,9 +279,9 @@ async def play_asterisk(port: int, request: bytes, variables: dict[str, str] | N
 async def agi_port(pipeline: OptOutPipeline, pg_store: PostgresStore, cache: RedisCache,
                    unused_tcp_port: int) -> Any:
     from agent.agi import AgiServer
-    from agent.guard import DialGuard
+    from agent.dial_guard import DialGuard
     from agent.intake import Intake
-    from agent.precheck import BlacklistChecker
+    from agent.lookup import BlacklistChecker
 
     intake = Intake(pipeline=pipeline, digit="9", region="US")
     guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
@@ -388,9 +388,9 @@ async def test_a_session_whose_headers_arrived_is_never_evicted(
     import socket
 
     from agent.agi import AgiServer, GuardedApplication
-    from agent.guard import DialGuard
+    from agent.dial_guard import DialGuard
     from agent.intake import Intake
-    from agent.precheck import BlacklistChecker
+    from agent.lookup import BlacklistChecker
 
     intake = Intake(pipeline=pipeline, digit="9", region="US")
     guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)

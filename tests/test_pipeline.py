@@ -21,9 +21,9 @@ from agent.cache import RedisCache
 from agent.constants import BLACKLIST_SET, Origin, action_key, blacklist_entry_key, campaign_counter_key
 from agent.journal import Journal
 from agent.keeper import CacheKeeper
+from agent.lookup import BlacklistChecker
 from agent.optout import HangupInfo, OptOutEvent, OptOutRecord, record_from_event
 from agent.pipeline import KEPT_WHEN_STRIPPED, OptOutPipeline, Replayer, Status, stripped
-from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
 from tests.conftest import PG_BASE, make_record, with_schema
 from tests.tcp_proxy import TcpProxy

@@ -23,8 +23,8 @@ from agent.constants import BLACKLIST_KEEPER, BLACKLIST_LEASE, BLACKLIST_SENTINE
 from agent.errors import StoreUnavailable
 from agent.journal import Journal
 from agent.keeper import CacheKeeper
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline, Status
-from agent.precheck import BlacklistChecker
 from agent.store import Position, Removal, RemoveResult, Store
 from agent.store_postgres import PostgresStore
 from agent.store_sqlite import SqliteStore

@@ -23,11 +23,11 @@ from panoramisk import Manager
 
 from agent.agi import AgiServer
 from agent.cache import RedisCache
-from agent.guard import DialGuard
+from agent.dial_guard import DialGuard
 from agent.intake import Intake
 from agent.journal import Journal
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline
-from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
 from tests.conftest import make_record
 

@@ -15,7 +15,7 @@ import pytest
 from agent.agi import AgiServer
 from agent.ari import AriAgent
 from agent.cache import RedisCache
-from agent.guard import DialGuard
+from agent.dial_guard import DialGuard
 from agent.intake import Intake
 from agent.pipeline import OptOutPipeline
 from agent.store_postgres import PostgresStore
@@ -104,7 +104,7 @@ async def test_a_precheck_with_hostile_ids_still_blocks_and_audits_clean_ids(
 async def calls_api(ari_agent: AriAgent, pg_store: PostgresStore, cache: RedisCache,
                     unused_tcp_port: int) -> AsyncIterator[tuple[str, list[Any]]]:
     from agent.http import AgentHttp
-    from agent.precheck import BlacklistChecker
+    from agent.lookup import BlacklistChecker
 
     guard = DialGuard(checker=BlacklistChecker(store=pg_store, cache=cache, journal=None, region="US"), store=pg_store)
     originated: list[Any] = []

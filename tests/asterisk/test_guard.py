@@ -12,10 +12,10 @@ from prometheus_client import REGISTRY
 
 from agent.ari import AriAgent
 from agent.cache import RedisCache
-from agent.guard import DialGuard
+from agent.dial_guard import DialGuard
 from agent.http import AgentHttp
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline
-from agent.precheck import BlacklistChecker
 from agent.store_postgres import PostgresStore
 from tests.asterisk.conftest import AriEnv, eventually
 from tests.conftest import make_record

@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from agent.agi import AgiServer
 from agent.ami import AmiAgent
 from agent.constants import Origin
-from agent.guard import DialGuard
+from agent.dial_guard import DialGuard
 from agent.intake import Intake
 from agent.journal import Journal
+from agent.lookup import BlacklistChecker
 from agent.optout import OptOutRecord, utcnow
 from agent.pipeline import OptOutPipeline
-from agent.precheck import BlacklistChecker
 from agent.store_sqlite import SqliteStore
 from agent.testcall import CallObserver, Ivr, Via
 from tests.asterisk.test_agi import agi_headers

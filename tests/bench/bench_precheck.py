@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent.cache import RedisCache
 from agent.constants import Source
-from agent.precheck import BlacklistChecker
+from agent.lookup import BlacklistChecker
 from agent.store_sqlite import SqliteStore
 from tests.bench.common import machine, summary
 

@@ -31,8 +31,8 @@ from agent.cache import RedisCache, connect
 from agent.constants import BLACKLIST_SET, Source
 from agent.core import open_core
 from agent.journal import Journal
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline, Status
-from agent.precheck import BlacklistChecker
 from agent.settings import Settings
 from agent.store_postgres import PostgresStore
 from tests.conftest import PG_BASE, make_record

@@ -2,7 +2,7 @@
 
 The agent and the test share one redis-server of the test's own (never the shared one). 120 SIP calls
 pressing 9, at most 30 up at once, starts spread over 16 s. Meanwhile the test runs pre-dial checks the way a
-dialer's process would (agent.precheck.BlacklistChecker on the same PostgreSQL schema and Redis), over and
+dialer's process would (agent.lookup.BlacklistChecker on the same PostgreSQL schema and Redis), over and
 over, on every number PostgreSQL already held a moment before the check. 6 s in, redis-server is
 SIGKILLed; 2 s later a new, empty one starts on the same port. No check may answer "clear" for one of those
 numbers at any time (Redis up, down, empty, being rebuilt); the agent's reconciler must rebuild the set
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from agent.cache import RedisCache
-from agent.precheck import BlacklistChecker
+from agent.lookup import BlacklistChecker
 from agent.store_postgres import PostgresStore
 from agent.testcall import CallObserver
 from tests.faults.conftest import AgentFactory

@@ -26,9 +26,9 @@ from agent.constants import BLACKLIST_SET, Origin, Source
 from agent.errors import CacheUnavailable, JournalError, OptOutError, StoreUnavailable
 from agent.journal import Journal
 from agent.keeper import CacheKeeper
+from agent.lookup import BlacklistChecker
 from agent.optout import OptOutRecord
 from agent.pipeline import OptOutPipeline, Replayer, Status
-from agent.precheck import BlacklistChecker
 from agent.store import Removal, RemoveResult, Store
 from agent.store_postgres import PostgresStore
 from agent.store_sqlite import SqliteStore

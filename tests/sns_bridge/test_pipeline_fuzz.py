@@ -22,11 +22,11 @@ from signing import SigningIdentity, ToLocalServer, notification, sign
 
 from agent.agi import AgiServer
 from agent.cache import RedisCache
-from agent.guard import DialGuard
+from agent.dial_guard import DialGuard
 from agent.intake import Intake
 from agent.journal import Journal
+from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline, Replayer
-from agent.precheck import BlacklistChecker
 from agent.publisher import SnsPublisher
 from agent.store_postgres import PostgresStore
 from sns_bridge.handler import BridgeHandler, MessageIdDedupe

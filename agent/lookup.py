@@ -1,4 +1,7 @@
-"""The pre-dial check: never "clear" for a number that opted out.
+"""The blacklist lookup (`BlacklistChecker`): is a number listed? Never "clear" for a number that opted out.
+
+Used by `optout check` and the dial guard (agent/dial_guard.py, whose FastAGI face is the
+`precheck` script: "precheck" names only that dialplan contract).
 
 - A number the view in Redis lists is blacklisted (writers put it there before the store has it).
 - A "clear" from Redis is trusted only while the view is CURRENT (agent/cache.py): the lease, the sentinel
@@ -24,7 +27,7 @@ from agent.journal import Journal
 from agent.phone import normalise
 from agent.store import Position, Store
 
-log = logging.getLogger("agent.precheck")
+log = logging.getLogger("agent.lookup")
 
 
 class BlacklistChecker:

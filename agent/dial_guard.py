@@ -26,12 +26,12 @@ from agent import metrics
 from agent.constants import Origin, Outcome
 from agent.errors import InvalidPhoneNumber, OptOutError
 from agent.lifecycle import within
+from agent.lookup import BlacklistChecker
 from agent.optout import clean_id
 from agent.phone import mask
-from agent.precheck import BlacklistChecker
 from agent.store import Store, admin_row
 
-log = logging.getLogger("agent.guard")
+log = logging.getLogger("agent.dial_guard")
 
 
 PLACEHOLDERS = {"{number}": "the number in E.164 (+15551234567)", "{digits}": "its digits (15551234567)"}
