@@ -27,7 +27,7 @@ from agent.errors import InvalidInput, OptOutError, SchemaMissing, StoreUnavaila
 from agent.journal import PARK_AFTER
 from agent.optout import TEXT_MAX, id_problem, text_problem
 from agent.phone import mask
-from agent.pipeline import PipelineResult, Status
+from agent.pipeline import PipelineResult, Replayer, Status
 from agent.settings import Settings
 from agent.store import RemoveResult
 
@@ -219,6 +219,17 @@ async def cmd_parked(core: Core, args: argparse.Namespace) -> int:
     return EXIT_FOUND if parked else EXIT_OK
 
 
+async def cmd_replay(core: Core, args: argparse.Namespace) -> int:
+    """The store was restored from a backup: write again every opt-out this journal took since `--since`."""
+    since: datetime = args.since
+    count = await core.journal.restate(since)
+    stored = await Replayer(core.pipeline).drain()
+    left = await core.journal.depth()
+    print(f"{count} opt-outs journaled here since {since.isoformat()} replayed: {stored} through the store (one "
+          f"row per event id: those it still had are not written twice), {left} still waiting in the journal")
+    return EXIT_OK if left == 0 else EXIT_ERROR
+
+
 async def cmd_audit(core: Core, args: argparse.Namespace) -> int:
     if args.action == "head":
         row, head = await core.store.chain_head()
@@ -316,6 +327,17 @@ def identifier(option: str) -> Callable[[str], str]:
     return check
 
 
+def moment(option: str) -> Callable[[str], datetime]:
+    """An argparse type: an ISO 8601 time (UTC unless it carries an offset), refused naming the option."""
+    def parse(value: str) -> datetime:
+        try:
+            at = datetime.fromisoformat(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} is not an ISO 8601 time: {value[:40]!r}") from None
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optout", description="Opt-out blacklist and agent (press 9 to stop calls).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -350,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exact", action="store_true", help=argparse.SUPPRESS)  # every rebuild is exact now
     k = sub.add_parser("parked", help="opt-outs set aside in the journal (the store or SNS keeps refusing them)")
     k.add_argument("--retry", nargs="+", metavar="EVENT_ID", help="give them back to the replayer ('all' for all)")
+    rl = sub.add_parser("replay", help="after the store was restored from a backup: write again every opt-out "
+                                       "this host's journal took since a moment (the journal keeps them "
+                                       "OPTOUT_JOURNAL_RETENTION_DAYS)")
+    rl.add_argument("--since", required=True, type=moment("--since"), metavar="TIME",
+                    help="the backup's time, ISO 8601 (UTC unless it carries an offset)")
     au = sub.add_parser("audit", help="the tamper-evident audit chain")
     au.add_argument("action", choices=["verify", "head"])
     au.add_argument("--head", help="with verify: also prove this earlier head is still in the chain")
@@ -378,6 +405,7 @@ COMMANDS: dict[str, Callable[[Core, argparse.Namespace], Awaitable[int]]] = {
     "history": cmd_history,
     "sync-cache": cmd_sync_cache,
     "parked": cmd_parked,
+    "replay": cmd_replay,
     "audit": cmd_audit,
     "report": cmd_report,
 }

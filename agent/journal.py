@@ -238,6 +238,17 @@ class Unpark(JournalOp[int]):
 
 
 @dataclass(frozen=True)
+class Restate(JournalOp[int]):
+    """After the store went back to a backup (`optout replay --since`): STORED rows journaled since `since`
+    -> PENDING, so the replayer writes them again (the store keeps the ones it still has by event id)."""
+    since: datetime
+
+    def apply(self, conn: sqlite3.Connection, now: str) -> int:
+        return conn.execute(f"UPDATE journal SET {_is(StoreState.PENDING)} WHERE {_is(StoreState.STORED)}"
+                            " AND journaled_at >= ?", (self.since.isoformat(),)).rowcount
+
+
+@dataclass(frozen=True)
 class Prune(JournalOp[int]):
     """Retention (the health monitor): forget rows STORED and done with SNS, journaled before `cutoff`."""
     cutoff: datetime
@@ -365,6 +376,10 @@ class Journal(Resource):
     async def unpark(self, event_ids: Sequence[str] | None = None) -> int:
         """Give parked records (all when None) back to the replayer; returns how many."""
         return await self._submit(Unpark(None if event_ids is None else tuple(event_ids)))
+
+    async def restate(self, since: datetime) -> int:
+        """Rows stored since `since` given back to the replayer (the store was restored); returns how many."""
+        return await self._submit(Restate(since))
 
     async def probe(self) -> bool:
         """Write a row to see whether the journal can still be written (the health monitor calls it)."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 
@@ -227,3 +228,26 @@ def test_optout_remove_and_check_say_what_happened_for_every_result() -> None:
     }
     assert cli.CHECK_WORDS == {True: "BLACKLISTED", False: "clear", None: "unknown (nobody can answer now)"}
 
+
+
+def test_replay_writes_again_what_a_restored_store_lost(env: dict[str, str], pg_schema: str,
+                                                        redis_sync: redis.Redis) -> None:
+    """The restore procedure's last step: the store went back to an (empty) backup and Redis lost its view;
+    the journal still holds what this host took, and `optout replay --since` writes it again."""
+    assert optout(env, "migrate").returncode == 0
+    assert optout(env, "add", "0501234567", "--reason", "asked").returncode == 0
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:  # restored from a dump taken before the add
+        conn.execute(f"DROP SCHEMA {pg_schema} CASCADE")
+        conn.execute(f"CREATE SCHEMA {pg_schema}")
+    redis_sync.flushdb()
+    assert optout(env, "migrate").returncode == 0
+    assert optout(env, "check", "0501234567").stdout.strip().endswith("clear"), "the double fault, as documented"
+    bad = optout(env, "replay", "--since", "yesterday")
+    assert bad.returncode == 2 and "--since is not an ISO 8601 time" in bad.stderr
+    done = optout(env, "replay", "--since", "2000-01-01")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1 opt-outs journaled here since 2000-01-01T00:00:00+00:00 replayed: 1 through")
+    assert optout(env, "check", "0501234567").stdout.strip().endswith("BLACKLISTED")
+    assert optout(env, "replay", "--since", "2000-01-01").returncode == 0
+    history = optout(env, "history", "0501234567", "--json").stdout
+    assert history.count('"outcome": "blacklisted"') == 1, "a second replay writes nothing twice"

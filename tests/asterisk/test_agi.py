@@ -28,6 +28,7 @@ from agent.intake import Intake
 from agent.journal import Journal
 from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline
+from agent.store import ActionRow
 from agent.store_postgres import PostgresStore
 from tests.conftest import make_record
 
@@ -201,7 +202,7 @@ async def agi(us_intake: Intake, guard: DialGuard) -> AsyncIterator[AgiServer]:
     await guard.drain(within=5.0)  # prevented-call records still being written, before the store closes
 
 
-async def wait_rows(store: PostgresStore, number: str, *, count: int = 1, within: float = 5.0) -> list[dict[str, Any]]:
+async def wait_rows(store: PostgresStore, number: str, *, count: int = 1, within: float = 5.0) -> list[ActionRow]:
     deadline = asyncio.get_running_loop().time() + within
     while True:
         rows = await store.history(number)
@@ -223,13 +224,13 @@ async def test_nine_in_agi_ivr_hangs_up_and_records_the_optout(
     assert call.press_to_hangup_ms is not None
     assert call.press_to_hangup_ms < 2000  # long before the caller's own hangup (10 s)
     [row] = await wait_rows(pg_store, number)
-    assert row["origin"] == "agi"
-    assert row["call_id"] == call.call_id
-    assert row["campaign_id"] == "camp-agi"
-    assert row["contact_id"] == f"contact-{call.call_id}"
-    assert row["digit"] == "9"
-    assert row["hangup_method"] == "agi"
-    assert row["hangup_result"] == "ok"
+    assert row.origin == "agi"
+    assert row.call_id == call.call_id
+    assert row.campaign_id == "camp-agi"
+    assert row.contact_id == f"contact-{call.call_id}"
+    assert row.digit == "9"
+    assert row.hangup_method == "agi"
+    assert row.hangup_result == "ok"
     assert await pg_store.blacklisted([number]) == {number}
 
 
@@ -254,7 +255,7 @@ async def test_precheck_blocks_a_blacklisted_number_with_cause_21_and_records_th
     await calls.originate_precheck(number)
     assert await calls.precheck_cause(number) == 21
     await guard.drain(within=2.0)
-    assert [r["outcome"] for r in await pg_store.history(number)] == ["blacklisted", "prevented"]
+    assert [r.outcome for r in await pg_store.history(number)] == ["blacklisted", "prevented"]
 
 
 async def test_precheck_lets_a_clear_number_through(agi: AgiServer, calls: AsteriskCalls) -> None:
@@ -378,7 +379,7 @@ async def test_optout_without_uniqueid_still_hangs_up_and_records_what_it_knows(
     request = agi_headers("optout", f"OPTOUT_NUMBER={number}", uniqueid="").replace(b"agi_uniqueid: \n", b"")
     assert (await play_asterisk(request))[-1] == "HANGUP"
     [row] = await wait_rows(pg_store, number)
-    assert row["origin"] == "agi"
+    assert row.origin == "agi"
 
 
 async def test_optout_takes_ids_from_agi_arguments(agi: AgiServer, pg_store: PostgresStore) -> None:
@@ -390,7 +391,7 @@ async def test_optout_takes_ids_from_agi_arguments(agi: AgiServer, pg_store: Pos
     )
     assert got == ["GET VARIABLE CONTACT_ID", "HANGUP"]
     [row] = await wait_rows(pg_store, number)
-    assert (row["call_id"], row["campaign_id"], row["contact_id"], row["origin"]) == (
+    assert (row.call_id, row.campaign_id, row.contact_id, row.origin) == (
         "arg-call", "arg-camp", "var-contact", "agi")
 
 
@@ -401,7 +402,7 @@ async def test_a_latin1_caller_name_in_the_headers_is_read_not_refused(agi: AgiS
     request = request.replace(b"agi_context:", b"agi_calleridname: Jos\xe9\nagi_context:")
     assert (await play_asterisk(request))[-1] == "HANGUP"
     [row] = await wait_rows(pg_store, number)
-    assert row["origin"] == "agi"
+    assert row.origin == "agi"
 
 
 async def test_a_failed_get_variable_still_records_what_is_known(agi: AgiServer, pg_store: PostgresStore) -> None:
@@ -420,7 +421,7 @@ async def test_a_failed_get_variable_still_records_what_is_known(agi: AgiServer,
     writer.close()
     assert got[-1] == "HANGUP" and any(c.startswith("GET VARIABLE") for c in got)
     [row] = await wait_rows(pg_store, number)
-    assert row["call_id"] is not None and row["outcome"] == "blacklisted"
+    assert row.call_id is not None and row.outcome == "blacklisted"
 
 
 async def test_the_callers_hangup_notice_right_after_the_press_is_not_an_error(
@@ -445,7 +446,7 @@ async def test_the_callers_hangup_notice_right_after_the_press_is_not_an_error(
     writer.close()
     assert got[-1] == "HANGUP"
     [row] = await wait_rows(pg_store, number)
-    assert row["hangup_result"] == "gone"
+    assert row.hangup_result == "gone"
 
 
 async def test_the_caller_hanging_up_at_once_through_asterisk_loses_no_press(
@@ -454,7 +455,7 @@ async def test_the_caller_hanging_up_at_once_through_asterisk_loses_no_press(
     number = random_number()
     await calls.place(number, press="9", ivr="agi", hold=0)  # the caller leaves right after the 9
     [row] = await wait_rows(pg_store, number, within=8)
-    assert row["origin"] == "agi" and row["outcome"] == "blacklisted"
+    assert row.origin == "agi" and row.outcome == "blacklisted"
 
 
 async def test_slow_peers_holding_every_slot_do_not_shut_out_a_real_call(
@@ -472,7 +473,7 @@ async def test_slow_peers_holding_every_slot_do_not_shut_out_a_real_call(
                                               uniqueid=f"{uuid.uuid4().int % 10**9}.5"))
         assert got[-1] == "HANGUP"
         [row] = await wait_rows(pg_store, number)
-        assert row["origin"] == "agi"
+        assert row.origin == "agi"
         for _, w in slow:
             w.close()
         await us_intake.drain(within=5.0)

@@ -77,10 +77,10 @@ async def test_nine_in_plain_ivr_is_hung_up_over_ami_and_recorded(
     assert call.press_to_hangup_ms is not None
     assert call.press_to_hangup_ms < 2000
     [row] = await wait_rows(pg_store, number)
-    assert (row["origin"], row["digit"], row["call_id"], row["campaign_id"], row["contact_id"]) == (
+    assert (row.origin, row.digit, row.call_id, row.campaign_id, row.contact_id) == (
         "ami", "9", call.call_id, "camp-ami", f"contact-{call.call_id}")
-    assert (row["hangup_method"], row["hangup_result"]) == ("ami", "ok")
-    assert row["pressed_at"] is not None and row["hungup_at"] is not None
+    assert (row.hangup_method, row.hangup_result) == ("ami", "ok")
+    assert row.pressed_at is not None and row.hungup_at is not None
     assert await pg_store.blacklisted([number]) == {number}
 
 
@@ -126,7 +126,7 @@ async def test_ami_and_ari_on_the_same_press_make_one_optout(
         await asyncio.sleep(1.0)
         rows = await wait_rows(pg_store, number)
         assert len(rows) == 1, rows
-        assert rows[0]["origin"] in ("ami", "ari")
+        assert rows[0].origin in ("ami", "ari")
         assert await pg_store.blacklisted([number]) == {number}
         await intake.drain(within=3.0)
         task.cancel()

@@ -12,6 +12,7 @@ import redis
 from agent.ari import AriAgent, Channel
 from agent.constants import BLACKLIST_SET
 from agent.http import AgentHttp
+from agent.store import ActionRow
 from agent.store_postgres import PostgresStore
 from agent.telephony import ChannelFacts
 from agent.testcall import CallObserver
@@ -22,7 +23,7 @@ def unique_number() -> str:
     return f"+97250{uuid.uuid4().int % 10_000_000:07d}"
 
 
-async def history(store: PostgresStore, number: str) -> list[dict[str, Any]]:
+async def history(store: PostgresStore, number: str) -> list[ActionRow]:
     return await store.history(number)
 
 
@@ -36,10 +37,10 @@ async def test_sip_call_pressing_9_is_hung_up_and_blacklisted(
     rows = await eventually(lambda: history(pg_store, number))
     assert len(rows) == 1
     row = rows[0]
-    assert row["origin"] == "ari" and row["outcome"] == "blacklisted" and row["digit"] == "9"
-    assert row["call_id"] == call.call_id and row["campaign_id"] == "test-campaign"
-    assert row["pressed_at"] == call.pressed_at  # Asterisk's own press timestamp
-    assert row["hungup_at"] is not None and row["hangup_method"] == "ari" and row["hangup_result"] == "ok"
+    assert row.origin == "ari" and row.outcome == "blacklisted" and row.digit == "9"
+    assert row.call_id == call.call_id and row.campaign_id == "test-campaign"
+    assert row.pressed_at == call.pressed_at  # Asterisk's own press timestamp
+    assert row.hungup_at is not None and row.hangup_method == "ari" and row.hangup_result == "ok"
     assert await pg_store.blacklisted([number]) == {number}
     assert redis_sync.sismember(BLACKLIST_SET, number)
 
@@ -74,12 +75,12 @@ async def test_no_derivable_number_still_hangs_up_and_audits_number_unknown(
     call = await observer.wait(await observer.place("", press="9", via="local", campaign_id=campaign), timeout=15)
     assert call.hung_up
 
-    async def rows() -> list[dict[str, Any]]:
+    async def rows() -> list[ActionRow]:
         return [r async for r in pg_store.actions(campaign_id=campaign)]
 
     [row] = await eventually(rows)
-    assert row["outcome"] == "number_unknown" and row["phone_number"] is None
-    assert row["channel"]["uniqueid"] == call.ivr_channel
+    assert row.outcome == "number_unknown" and row.phone_number is None
+    assert row.channel["uniqueid"] == call.ivr_channel
 
 
 async def test_fifty_concurrent_sip_calls_each_pressing_9(
@@ -191,4 +192,4 @@ async def test_a_press_with_an_unexpected_timestamp_is_still_hung_up_and_stored(
         await observer.wait(call, timeout=10)
         assert call.hung_up, stamp
         [row] = await eventually(lambda number=number: history(pg_store, number))
-        assert row["outcome"] == "blacklisted" and row["pressed_at"] is not None
+        assert row.outcome == "blacklisted" and row.pressed_at is not None

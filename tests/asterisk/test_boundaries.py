@@ -72,7 +72,7 @@ async def test_no_dialer_id_can_name_another_number_through_the_shipped_dialplan
         await place(calls, {"OPTOUT_NUMBER": callee, **ids})
     for callee, _ in cases:
         [row] = await wait_rows(pg_store, callee, within=15)
-        assert row["origin"] == "agi" and row["phone_number"] == callee
+        assert row.origin == "agi" and row.phone_number == callee
         stored = row[field.lower()]
         assert stored is None or not set(stored) & set(',"\\()[]\r\n'), stored
     listed = await pg_store.blacklisted([n for case in cases for n in case])
@@ -92,11 +92,11 @@ async def test_a_precheck_with_hostile_ids_still_blocks_and_audits_clean_ids(
         assert resp.status == 200, await resp.text()
     assert await calls.precheck_cause(number) == 21
     for _ in range(100):
-        rows = [r for r in await pg_store.history(number) if r["outcome"] == "prevented"]
+        rows = [r for r in await pg_store.history(number) if r.outcome == "prevented"]
         if rows:
             break
         await asyncio.sleep(0.05)
-    assert rows[0]["call_id"] == "p+12025550000 x" and rows[0]["campaign_id"] == "c", rows[0]
+    assert rows[0].call_id == "p+12025550000 x" and rows[0].campaign_id == "c", rows[0]
 
 
 # --- POST /calls -----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 from agent.agi import AgiServer
 from agent.ami import AmiAgent
 from agent.ari import AriAgent
+from agent.store import ActionRow
 from agent.store_postgres import PostgresStore
 from tests.asterisk.conftest import AriEnv, eventually
 from tests.asterisk.test_agi import AsteriskCalls, random_number
@@ -102,7 +103,7 @@ async def originate(ari_env: AriEnv, callee: Callee, number: str, **target: str)
     return call_id
 
 
-async def stored_row(store: PostgresStore, number: str, within: float = 15.0) -> dict[str, Any]:
+async def stored_row(store: PostgresStore, number: str, within: float = 15.0) -> ActionRow:
     rows = await eventually(lambda: store.history(number), within=within)
     assert rows, f"{number} was not stored"
     [row] = rows
@@ -111,9 +112,9 @@ async def stored_row(store: PostgresStore, number: str, within: float = 15.0) ->
 
 async def assert_dialled_number_listed(store: PostgresStore, number: str, origin: str) -> None:
     row = await stored_row(store, number)
-    assert (row["origin"], row["outcome"]) == (origin, "blacklisted")
-    assert row["number_source"].startswith("dialled")
-    assert row["hangup_result"] == "ok"
+    assert (row.origin, row.outcome) == (origin, "blacklisted")
+    assert row.number_source.startswith("dialled")
+    assert row.hangup_result == "ok"
     assert await store.blacklisted([DIALER_CALLER_ID]) == set(), "the dialer's own caller ID was blacklisted"
 
 
@@ -147,11 +148,11 @@ async def number_unknown_on_an_inbound_call(ivr: str, calls: AsteriskCalls, pg_s
     call = await calls.wait(await calls.place("", press="9", ivr=ivr, via="sip", campaign_id=campaign), within=10)
     assert call.hangup_requested_at is not None, "the call must end even when the number is unknown"
 
-    async def rows() -> list[dict[str, Any]]:
+    async def rows() -> list[ActionRow]:
         return [r async for r in pg_store.actions(campaign_id=campaign)]
 
     [row] = await eventually(rows, within=10)
-    assert row["outcome"] == "number_unknown" and row["phone_number"] is None
+    assert row.outcome == "number_unknown" and row.phone_number is None
     assert await pg_store.blacklisted([DIALER_CALLER_ID]) == set()
 
 

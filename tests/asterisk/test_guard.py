@@ -16,6 +16,7 @@ from agent.dial_guard import DialGuard
 from agent.http import AgentHttp
 from agent.lookup import BlacklistChecker
 from agent.pipeline import OptOutPipeline
+from agent.store import ActionRow
 from agent.store_postgres import PostgresStore
 from tests.asterisk.conftest import AriEnv, eventually
 from tests.conftest import make_record
@@ -70,12 +71,12 @@ async def test_a_blacklisted_number_gets_409_and_no_channel_and_an_audit_row(
     assert originated == [], "no call may be originated for a blacklisted number"
     assert await channels(ari_env) == before
 
-    async def prevented_rows() -> list[dict[str, Any]]:
-        return [r for r in await pg_store.history("+972501234567") if r["outcome"] == "prevented"]
+    async def prevented_rows() -> list[ActionRow]:
+        return [r for r in await pg_store.history("+972501234567") if r.outcome == "prevented"]
 
     rows = await eventually(prevented_rows, within=5.0)  # the audit row is written after the answer
     assert prevented("ari") == count + 1
-    assert len(rows) == 1 and rows[0]["call_id"] == "guard-1" and rows[0]["campaign_id"] == "camp-g"
+    assert len(rows) == 1 and rows[0].call_id == "guard-1" and rows[0].campaign_id == "camp-g"
 
 
 async def test_a_clear_number_is_originated_with_its_ids_and_number(

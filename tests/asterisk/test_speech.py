@@ -182,10 +182,10 @@ async def test_callee_saying_stop_calling_is_hung_up_and_listed_with_origin_spee
         rows = await eventually(lambda: pg_store.history(number), within=10)
         assert len(rows) == 1
         row = rows[0]
-        assert row["origin"] == "speech" and row["outcome"] == "blacklisted" and row["digit"] is None
-        assert row["hangup_method"] == "ari" and row["hangup_result"] == "ok"
-        assert "stop calling" in row["speech_transcript"].lower()
-        assert float(row["speech_score"]) >= 0.8 and row["speech_phrase"]
+        assert row.origin == "speech" and row.outcome == "blacklisted" and row.digit is None
+        assert row.hangup_method == "ari" and row.hangup_result == "ok"
+        assert "stop calling" in row.speech_transcript.lower()
+        assert float(row.speech_score) >= 0.8 and row.speech_phrase
         assert len(row["speech_audio_sha256"]) == 64
         assert await pg_store.blacklisted([number]) == {number}
         assert redis_sync.sismember(BLACKLIST_SET, number)
@@ -219,8 +219,8 @@ async def test_flag_mode_records_a_candidate_and_hangs_nothing_up(
         await eventually(lambda: _async(listener.streams == 1), within=5)
         await far.say(callee, "optout-please-stop-calling-me.wav")
         rows = await eventually(lambda: pg_store.history(number), within=20)
-        assert [r["outcome"] for r in rows] == ["speech_candidate"]
-        assert rows[0]["origin"] == "speech" and "stop calling" in rows[0]["speech_transcript"].lower()
+        assert [r.outcome for r in rows] == ["speech_candidate"]
+        assert rows[0].origin == "speech" and "stop calling" in rows[0].speech_transcript.lower()
         assert not far.ended[callee].is_set(), "flag mode must not hang up"
         assert await pg_store.blacklisted([number]) == set()
         await far.hang_up(callee)
