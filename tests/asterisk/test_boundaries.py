@@ -73,7 +73,7 @@ async def test_no_dialer_id_can_name_another_number_through_the_shipped_dialplan
     for callee, _ in cases:
         [row] = await wait_rows(pg_store, callee, within=15)
         assert row.origin == "agi" and row.phone_number == callee
-        stored = row[field.lower()]
+        stored = getattr(row, field.lower())
         assert stored is None or not set(stored) & set(',"\\()[]\r\n'), stored
     listed = await pg_store.blacklisted([n for case in cases for n in case])
     assert listed == {callee for callee, _ in cases}, "a number the call did not dial was listed"
