@@ -1,11 +1,9 @@
 """Redis: the dialers' view of the blacklist, derived from the store (the system of record).
 
 The model (keys, who writes each, the view's states, what a reader may trust) is written once, in the
-README's "Pre-dial check: the read model" section; `ViewState` and the scripts below follow it.
-Writers (every process's pipeline, and each process re-asserting what its journal holds unstored every
-keeper round) only ever add; the keeper (agent/keeper.py) that holds `blacklist:keeper` owns the rest, and
-every script it runs checks its token and the view's sequence first, so a paused former keeper cannot
-write over a newer one. The scripts touch several keys: Redis standalone or Sentinel, not Cluster.
+README's "Pre-dial check: the read model"; `ViewState` and the script below follow it. Writers only ever
+add; the keeper (agent/keeper.py) holding `blacklist:keeper` owns the rest, through one script that checks
+its token first. The script touches several keys: Redis standalone or Sentinel, not Cluster.
 """
 
 from __future__ import annotations
@@ -60,75 +58,54 @@ class Applied(enum.Enum):
     NOT_KEEPER = "not the keeper"
     """The lock is another keeper's (or lapsed): nothing written."""
     MOVED = "moved"
-    """The view is no longer at the expected sequence: nothing written."""
-    LOST = "lost"
-    """The set lost its sentinel: nothing written, it must be rebuilt."""
+    """The view is no longer at the expected sequence, or lost its sentinel: nothing written."""
     HELD = "held"
     """Applied, but the lease is held (just after a swap, or after Redis went back): not renewed yet."""
 
 
-# KEYS: 1 set, 2 view, 3 lease, 4 keeper lock.
-# ARGV: 1 token, 2 expected seq, 3 new seq, 4 new lineage, 5 lease ms (0: none), 6 lock ms, 7 sentinel,
-#       8 the changes, one per line: "a<TAB>phone<TAB>entry JSON" or "r<TAB>phone" (JSON has no raw tab or
-#       line break), 9 the entry key prefix, then the pending fields to drop (opt-outs the store holds at or
-#       before the new seq).
-# Applies store changes in order. A removal leaves a number some writer still holds unstored (a `p:` field
-# not being dropped): that opt-out reaches the store after the removal, and wins.
-_APPLY = """
+# The keeper's one script: every change to the view but a writer's additions goes through it.
+# KEYS: 1 set, 2 view, 3 lease, 4 keeper lock, 5 the rebuild's copy.
+# ARGV: 1 token, 2 expected seq ('' = swap the copy in), 3 new seq, 4 new lineage, 5 lease ms (0: none; for a
+#       swap: the grace the lease is held), 6 lock ms, 7 sentinel, 8 the changes, one per line:
+#       "a<TAB>phone<TAB>entry JSON" or "r<TAB>phone" (JSON has no raw tab or line break), 9 the entry key
+#       prefix, then the pending fields to drop (opt-outs the store holds at or before the new seq).
+# A swap makes the copy the set with every remaining pending number in it (UNLINK frees the old set off the
+# main thread). A removal leaves a number some writer still holds pending: that opt-out reaches the store
+# after the removal, and wins. After a swap the lease is held ('hold') for the grace, so every process
+# re-asserts its pending opt-outs before anyone vouches for the new set.
+_KEEP = """
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 'not the keeper' end
-if (redis.call('HGET', KEYS[2], 'seq') or '') ~= ARGV[2] then return 'moved' end
-if redis.call('SISMEMBER', KEYS[1], ARGV[7]) == 0 then return 'lost' end
-local held = nil
+local swap = ARGV[2] == ''
+if not swap and ((redis.call('HGET', KEYS[2], 'seq') or '') ~= ARGV[2]
+                 or redis.call('SISMEMBER', KEYS[1], ARGV[7]) == 0) then return 'moved' end
+for j = 10, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
+local held, all = {}, redis.call('HGETALL', KEYS[2])
+for j = 1, #all, 2 do if string.sub(all[j], 1, 2) == 'p:' then held[all[j + 1]] = true end end
+if swap then
+  for phone in pairs(held) do redis.call('SADD', KEYS[5], phone) end
+  redis.call('SADD', KEYS[5], ARGV[7])
+  redis.call('UNLINK', KEYS[1])
+  redis.call('RENAME', KEYS[5], KEYS[1])
+end
 for line in string.gmatch(ARGV[8], '[^\\n]+') do
   local tab = string.find(line, '\\t', 3, true)
   local phone = tab and string.sub(line, 3, tab - 1) or string.sub(line, 3)
   if string.sub(line, 1, 1) == 'a' then
     redis.call('SADD', KEYS[1], phone)
     redis.call('SET', ARGV[9] .. phone, string.sub(line, tab + 1))
-  else
-    if not held then
-      local dropped = {}
-      for j = 10, #ARGV do dropped[ARGV[j]] = true end
-      held = {}
-      local all = redis.call('HGETALL', KEYS[2])
-      for j = 1, #all, 2 do
-        if string.sub(all[j], 1, 2) == 'p:' and not dropped[all[j]] then held[all[j + 1]] = true end
-      end
-    end
-    if not held[phone] then
-      redis.call('SREM', KEYS[1], phone)
-      redis.call('DEL', ARGV[9] .. phone)
-    end
+  elseif not held[phone] then
+    redis.call('SREM', KEYS[1], phone)
+    redis.call('DEL', ARGV[9] .. phone)
   end
 end
-for j = 10, #ARGV do redis.call('HDEL', KEYS[2], ARGV[j]) end
 redis.call('HSET', KEYS[2], 'seq', ARGV[3], 'lineage', ARGV[4])
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
-if tonumber(ARGV[5]) > 0 then
+if swap then
+  redis.call('SET', KEYS[3], 'hold', 'PX', math.max(tonumber(ARGV[5]), 1))
+elseif tonumber(ARGV[5]) > 0 then
   if redis.call('GET', KEYS[3]) == 'hold' then return 'held' end
   redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ARGV[4], 'PX', ARGV[5])
 end
-return 'ok'
-"""
-# KEYS: 1 set, 2 next, 3 view, 4 lease, 5 keeper lock.
-# ARGV: 1 token, 2 seq, 3 lineage, 4 sentinel, 5 lock ms, 6 grace ms, then the pending fields to drop (opt-outs
-# the copy's store snapshot already holds, maybe removed since).
-# A rebuild's copy becomes the set, with every remaining pending number in it (UNLINK frees the old set off
-# the main thread: millions of members freed inside a script would stall Redis). The lease is held ('hold')
-# for the grace, so every process re-asserts its pending opt-outs before anyone vouches for the new set.
-_SWAP = """
-if redis.call('GET', KEYS[5]) ~= ARGV[1] then return 'not the keeper' end
-for j = 7, #ARGV do redis.call('HDEL', KEYS[3], ARGV[j]) end
-local all = redis.call('HGETALL', KEYS[3])
-for j = 1, #all, 2 do
-  if string.sub(all[j], 1, 2) == 'p:' then redis.call('SADD', KEYS[2], all[j + 1]) end
-end
-redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('UNLINK', KEYS[1])
-redis.call('RENAME', KEYS[2], KEYS[1])
-redis.call('HSET', KEYS[3], 'seq', ARGV[2], 'lineage', ARGV[3])
-if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[4], 'hold', 'PX', ARGV[6]) else redis.call('DEL', KEYS[4]) end
-redis.call('PEXPIRE', KEYS[5], ARGV[5])
 return 'ok'
 """
 
@@ -195,8 +172,7 @@ class RedisCache(Resource):
                  max_connections: int = 64) -> None:
         self.client = client if client is not None else connect(url, timeout=timeout,
                                                                 max_connections=max_connections)
-        self._apply = self.client.register_script(_APPLY)
-        self._swap = self.client.register_script(_SWAP)
+        self._keep = self.client.register_script(_KEEP)
         self._closed = False
 
     async def close(self) -> None:
@@ -206,25 +182,24 @@ class RedisCache(Resource):
 
     # --- writers: add only --------------------------------------------------------------------------------
     async def write_optouts(self, records: Sequence[OptOutRecord]) -> list[datetime]:
-        """Make each opt-out visible to the dialers in one round trip: its pending field first (so a removal
-        the keeper applies meanwhile already sees it), the number, its entry, its action record; then count
-        new ones per campaign. Returns when Redis confirmed each."""
+        """Make each opt-out visible to the dialers in one round trip: its action record (whose NX reply says
+        whether it is new), its pending field before its number (so a removal the keeper applies meanwhile
+        already sees it), its entry; then count new ones per campaign. Returns when Redis confirmed each."""
         pipe = self.client.pipeline(transaction=False)
         for record in records:
+            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
             if record.phone_number is not None:
                 pipe.hset(BLACKLIST_VIEW, PENDING_FIELD_PREFIX + record.event_id, record.phone_number)
                 pipe.sadd(BLACKLIST_SET, record.phone_number)
                 pipe.set(blacklist_entry_key(record.phone_number), record.entry().to_json(), nx=True)
-            pipe.set(action_key(record.event_id), record.to_json(), ex=ACTION_TTL_SECONDS, nx=True)
         with redis_errors("writing opt-outs"):
-            replies = iter(await pipe.execute())
+            replies = await pipe.execute()
             confirmed = datetime.now(UTC)
-            # A redelivered opt-out finds its action record already there: it is not counted again.
-            counters = self.client.pipeline(transaction=False)
-            for record in records:
-                new = [next(replies) for _ in range(4 if record.phone_number is not None else 1)][-1]
-                if new and record.campaign_id is not None:
+            counters, at = self.client.pipeline(transaction=False), 0
+            for record in records:  # a redelivered opt-out finds its action record there: not counted again
+                if replies[at] and record.campaign_id is not None:
                     counters.incr(campaign_counter_key(record.campaign_id))
+                at += 1 if record.phone_number is None else 4
             if len(counters):
                 await counters.execute()
         return [confirmed] * len(records)
@@ -268,35 +243,33 @@ class RedisCache(Resource):
     async def state(self) -> ViewState:
         return (await self.view()).state
 
-    async def pending_numbers(self) -> set[str]:
-        """Every number some writer holds unstored (the view's `p:` fields): what a reader adds to the store's
-        answer when the view is not current (a lost set keeps them; the view hash still has them)."""
-        with redis_errors("reading pending opt-outs"):
-            fields = await self.client.hgetall(BLACKLIST_VIEW)
-        return {str(v) for k, v in fields.items() if str(k).startswith(PENDING_FIELD_PREFIX)}
-
-    async def is_current(self) -> bool:
-        """Whether a "clear" from the set may be trusted now (the lease and the sentinel)."""
-        return (await self.check([BLACKLIST_SENTINEL])).lease is not None
-
     # --- the keeper ---------------------------------------------------------------------------------------
     def keeper_lock(self, *, timeout: float) -> Lock:
         """The keeper lock; acquire it with the token the scripts check (`acquire(token=..., blocking=False)`)."""
         return Lock(self.client, BLACKLIST_KEEPER, timeout=timeout, blocking=False, raise_on_release_error=False)
 
-    async def apply(self, token: str, changes: Sequence[Change], *, expected: Position, new: Position,
+    async def apply(self, token: str, changes: Sequence[Change], *, expected: Position | None, new: Position,
                     lease_ms: int, lock_ms: int, drop_pending: Sequence[str] = ()) -> Applied:
         """Apply store changes in order if this keeper holds the lock and the view is at `expected`; mark it
         at `new`, drop the pending fields of opt-outs it now holds, renew the lease when `lease_ms`, and
-        extend the lock. No changes and a lease = the keeper's proof the view is current."""
-        keys = [BLACKLIST_SET, BLACKLIST_VIEW, BLACKLIST_LEASE, BLACKLIST_KEEPER]
+        extend the lock. No changes and a lease = the keeper's proof the view is current. `expected` None:
+        a swap (see `swap`)."""
         lines = "\n".join(f"a\t{c.phone_number}\t{c.entry}" if c.op == "add" else f"r\t{c.phone_number}"
                           for c in changes)
-        args: list[str | int] = [token, str(expected.seq), str(new.seq), new.lineage, lease_ms, lock_ms,
-                                 BLACKLIST_SENTINEL, lines, blacklist_entry_key(""),
-                                 *(PENDING_FIELD_PREFIX + event_id for event_id in drop_pending)]
-        with redis_errors("applying store changes"):
-            return Applied(await self._apply(keys=keys, args=args))
+        keys = [BLACKLIST_SET, BLACKLIST_VIEW, BLACKLIST_LEASE, BLACKLIST_KEEPER, BLACKLIST_NEXT]
+        args: list[str | int] = [token, "" if expected is None else str(expected.seq), str(new.seq), new.lineage,
+                                 lease_ms, lock_ms, BLACKLIST_SENTINEL, lines, blacklist_entry_key(""),
+                                 *(PENDING_FIELD_PREFIX + e for e in drop_pending)]
+        with redis_errors("applying store changes" if expected else "swapping the rebuilt set in"):
+            return Applied(await self._keep(keys=keys, args=args))
+
+    async def swap(self, token: str, at: Position, *, grace_ms: int, lock_ms: int,
+                   drop_pending: Sequence[str] = ()) -> Applied:
+        """Make the rebuild's copy the view, at `at`, with every pending number in it but those of `drop_pending`
+        (opt-outs the store held at `at`: the copy has them, or a removal since); the lease is held for
+        `grace_ms`."""
+        return await self.apply(token, [], expected=None, new=at, lease_ms=grace_ms, lock_ms=lock_ms,
+                                drop_pending=drop_pending)
 
     async def fill_next(self, entries: Sequence[BlacklistEntry], *, first: bool) -> None:
         """Copy a batch of the store into the rebuild's set (emptied first when `first`), with the entries."""
@@ -309,36 +282,18 @@ class RedisCache(Resource):
         with redis_errors("copying the store"):
             await pipe.execute()
 
-    async def swap(self, token: str, at: Position, *, grace_ms: int, lock_ms: int,
-                   drop_pending: Sequence[str] = ()) -> Applied:
-        """Make the rebuild's set the view, at `at`, with every pending number in it but those of `drop_pending`
-        (opt-outs the store held at `at`: the copy has them, or a removal since); the lease is held for
-        `grace_ms`."""
-        with redis_errors("swapping the rebuilt set in"):
-            return Applied(await self._swap(keys=[BLACKLIST_SET, BLACKLIST_NEXT, BLACKLIST_VIEW, BLACKLIST_LEASE,
-                                                  BLACKLIST_KEEPER],
-                                            args=[token, str(at.seq), at.lineage, BLACKLIST_SENTINEL, lock_ms,
-                                                  grace_ms, *(PENDING_FIELD_PREFIX + e for e in drop_pending)]))
-
     async def hold_lease(self, grace_ms: int) -> None:
-        """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile); 0 just drops it."""
+        """Nobody renews the lease for `grace_ms` (readers ask the store meanwhile)."""
         with redis_errors("holding the lease"):
-            if grace_ms > 0:
-                await self.client.set(BLACKLIST_LEASE, "hold", px=grace_ms)
-            else:
-                await self.client.delete(BLACKLIST_LEASE)
+            await self.client.set(BLACKLIST_LEASE, "hold", px=max(grace_ms, 1))
 
-    async def missing_from_next(self, *, batch: int = 5000) -> AsyncIterator[list[str]]:
-        """Numbers of the live set that the rebuild's copy lacks (a store that went back lost them)."""
+    async def members(self, *, batch: int = 5000) -> AsyncIterator[list[str]]:
+        """The set's numbers, in batches (SSCAN: Redis is not blocked for a large set)."""
         cursor: int = 0
         while True:
-            with redis_errors("comparing the set with the rebuild"):
-                cursor, found_members = await self.client.sscan(BLACKLIST_SET, cursor, count=batch)
-                members = [str(m) for m in found_members if not str(m).startswith("~")]
-                found = await self.client.smismember(BLACKLIST_NEXT, members) if members else []
-            missing = [m for m, there in zip(members, found, strict=True) if not there]
-            if missing:
-                yield missing
+            with redis_errors("reading the set"):
+                cursor, found = await self.client.sscan(BLACKLIST_SET, cursor, count=batch)
+            yield [str(m) for m in found if not str(m).startswith("~")]
             if cursor == 0:
                 return
 

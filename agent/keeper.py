@@ -1,28 +1,20 @@
-"""The cache keeper: the one owner of the dialers' view in Redis (agent/cache.py draws the model and its states).
+"""The cache keeper: the one owner of the dialers' view in Redis (the model: README, "Pre-dial check").
 
 Every agent and bridge runs one (`run()`); CLI commands run rounds of their own when they need the view to
-catch up. A round (`round()`), woken by the store's push (a commit in any process) or every `interval`:
-
-1. Re-assert (every process, whoever keeps the view): the opt-outs this process's journal holds that the store
-   may not have yet go back into the view as pending. A Redis that lost them (restarted, flushed, evicted,
-   failed over) has them back within a round, whatever the store holds.
-2. Keep (whoever takes the keeper lock for this round; it is given back at the end of the round):
-   - the view LOST -> rebuild: copy the store into `next`, swap it in with the pending numbers;
-   - the store went back (its head is below the view's sequence, or the row at that sequence has another
-     chain hash: a restored backup, a promoted replica) -> drop the lease, and rebuild after writing back to
-     the store the numbers the view held and the store lost (audited as recovered);
-   - Redis went back (the view is behind what this keeper saw: a failover to a replica that missed writes)
-     -> hold the lease for `grace`, so every process re-asserts first;
-   - otherwise apply the store's changes after the view's sequence in order, drop the pending fields of
-     opt-outs the set now holds as stored, and renew the lease: only once the set holds the head read this
-     round, for the lease time less the round's own duration, and never within `grace` of a swap.
+catch up. A round, woken by the store's push (a commit in any process) or every `interval`:
+1. every process re-asserts the opt-outs its journal holds unstored, as pending (a Redis that lost them,
+   restarted, flushed, evicted or failed over, has them back within a round, whatever the store holds);
+2. whoever takes the keeper lock for the round: rebuilds a LOST view; when the store went back (a restored
+   backup, a promoted replica: its row at the view's sequence is missing or has another chain hash), drops
+   the lease, writes back what the store lost, rebuilds; when Redis went back (the view is behind what this
+   keeper saw), holds the lease for `grace` so every process re-asserts first; else applies the store's
+   changes in order and renews the lease once the set holds the head read this round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -31,11 +23,10 @@ from datetime import UTC, datetime
 from agent import metrics
 from agent.backoff import Backoff
 from agent.cache import Applied, RedisCache, View, ViewState, redis_errors
-from agent.constants import Origin, Source
 from agent.errors import CacheUnavailable, JournalError, StoreUnavailable
 from agent.journal import Journal
 from agent.lifecycle import within
-from agent.optout import BlacklistEntry, OptOutRecord
+from agent.optout import recovered_record
 from agent.store import Change, Position, Store
 
 log = logging.getLogger("agent.keeper")
@@ -111,7 +102,7 @@ class CacheKeeper:
         with redis_errors("taking the keeper lock"):
             self._token = uuid.uuid4().hex
             if not await self._lock.acquire(token=self._token):
-                self.current = await self._cache.is_current()  # another process keeps the view this round
+                self.current = (await self._cache.view()).state is ViewState.CURRENT  # another keeps it this round
                 return False
         try:
             self.current = await self._keep(rebuild=rebuild)
@@ -154,20 +145,19 @@ class CacheKeeper:
     async def _keep(self, *, rebuild: bool) -> bool:
         view = await self._cache.view()
         if view.position is None or view.state in (ViewState.LOST, ViewState.REBUILDING):
-            await self._rebuild(view)
+            await self._rebuild()
             return False
         started = time.monotonic()
         store = await self._store.position(view.position.seq)
-        if rebuild and store.lineage_at == view.position.lineage:
-            await self._rebuild(view)
-            return False
         if store.lineage_at != view.position.lineage:
             log.critical("the store went back: the view holds it up to change %d, the store's head is change %d%s; "
                          "dialers ask the store until the view is rebuilt, and numbers the store lost are written "
                          "back to it", view.position.seq, store.head.seq,
                          "" if store.lineage_at is None else " and that change has another hash (another history)")
             await self._cache.hold_lease(self._grace_ms)
-            await self._rebuild(view, recover=True)
+            await self._recover(view, view.position, store.head)
+        if rebuild or store.lineage_at != view.position.lineage:
+            await self._rebuild()
             return False
         if self._seen is not None and view.position.seq < self._seen.seq:
             log.error("Redis went back (the view is at change %d, this keeper saw %d: a failover that lost writes?); "
@@ -196,9 +186,9 @@ class CacheKeeper:
                     log.info("cache keeper round abandoned: %s", done.value)
                     return False
                 self._seen = new
-                late = [(c.event_id, datetime.now(UTC)) for c in changes if c.op == "add" and not c.visible]
-                if late:  # a writer without Redis: note when the view showed it
-                    await self._store.record_visibility([(e, at) for e, at in late if e])
+                seen_at = datetime.now(UTC)  # for opt-outs whose writer had no Redis: when the view showed them
+                if late := [(c.event_id, seen_at) for c in changes if c.op == "add" and not c.visible and c.event_id]:
+                    await self._store.record_visibility(late)
                 if final:
                     metrics.CACHE_BEHIND.set(0)
                     return done is Applied.DONE and lease_ms > 0
@@ -226,10 +216,9 @@ class CacheKeeper:
         return [event_id for event_id, seq in stored.items() if seq <= upto]
 
     # --- rebuilds -----------------------------------------------------------------------------------------
-    async def _rebuild(self, view: View, *, recover: bool = False) -> int:
+    async def _rebuild(self) -> int:
         """Copy the store into `next` and swap it in at the head read before the copy (changes made meanwhile are
-        applied by the next round: every change is idempotent). With `recover`, numbers the old view held that
-        the store lost (and no writer holds pending) are written back to the store first, audited."""
+        applied by the next round: every change is idempotent)."""
         at = (await self._store.position()).head
         await self._cache.fill_next([], first=True)
         total = 0
@@ -237,8 +226,6 @@ class CacheKeeper:
             await self._cache.fill_next(batch, first=False)
             await self._extend()
             total += len(batch)
-        if recover and view.position is not None:
-            total += await self._recover(view, went_back_from=view.position, to=at)
         done = await self._cache.swap(self._token, at, grace_ms=self._grace_ms, lock_ms=self._lock_ms,
                                       drop_pending=await self._stored_pending(await self._cache.view(), at.seq))
         if done is not Applied.DONE:
@@ -252,36 +239,22 @@ class CacheKeeper:
         with redis_errors("extending the keeper lock"):
             await self._lock.extend(self._lock_ms / 1000, replace_ttl=True)
 
-    async def _recover(self, view: View, *, went_back_from: Position, to: Position) -> int:
-        pending = set(view.pending.values())
-        count = 0
-        async for missing in self._cache.missing_from_next():
-            numbers = [n for n in missing if n not in pending]
-            if not numbers:
-                continue
-            entries = await self._cache.entries(numbers)
-            records = [recovered(n, e, went_back_from, to) for n, e in zip(numbers, entries, strict=True)]
-            await self._store.write(records)
-            await self._cache.fill_next([r.entry() for r in records], first=False)
-            count += len(records)
+    async def _recover(self, view: View, went_back_from: Position, to: Position) -> None:
+        """The store went back: numbers the view holds that the store lost (and no writer holds pending) are
+        written back to it, audited, before the rebuild copies it."""
+        pending, count = set(view.pending.values()), 0
+        async for members in self._cache.members(batch=self._batch):
+            listed = await self._store.blacklisted(members)
+            numbers = [n for n in members if n not in listed and n not in pending]
+            if numbers:
+                entries = await self._cache.entries(numbers)
+                await self._store.write([recovered_record(n, e, lineage=went_back_from.lineage,
+                                                          listed_at=went_back_from.seq, back_to=to.seq)
+                                         for n, e in zip(numbers, entries, strict=True)])
+                count += len(numbers)
+            await self._extend()
         if count:
             log.critical("%d numbers on the blacklist in Redis were missing from the store after it went back from "
                          "change %d to %d: written back to the store (origin admin, reason 'recovered')", count,
                          went_back_from.seq, to.seq)
-        return count
 
-
-def recovered(number: str, entry_json: str | None, went_back_from: Position, to: Position) -> OptOutRecord:
-    """The opt-out that puts back a number the store lost; its id is the same in every keeper that finds it."""
-    entry: BlacklistEntry | None = None
-    if entry_json:
-        with contextlib.suppress(ValueError):
-            entry = BlacklistEntry.model_validate_json(entry_json)
-    digest = hashlib.sha256(f"{number}\x1f{went_back_from.lineage}".encode()).hexdigest()[:32]
-    return OptOutRecord(
-        event_id=f"recovered-{digest}", phone_number=number, number_source="redis view", origin=Origin.ADMIN,
-        source=entry.source if entry else Source.COMPLIANCE, actor="optout-agent",
-        reason=(f"recovered: listed in Redis at store change {went_back_from.seq}, lost when the store went back "
-                f"to change {to.seq}" + (f" (was: {entry.reason})" if entry else "")),
-        received_at=entry.added_at if entry else datetime.now(UTC),
-    )

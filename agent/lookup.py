@@ -57,7 +57,7 @@ class BlacklistChecker:
                 if cached.lease is not None:
                     trusted = not strict or await self._store_agrees(cached.lease)
                 if not trusted and not all(answers):
-                    held = await self._cache.pending_numbers()
+                    held = set((await self._cache.view()).pending.values())
             except CacheUnavailable as exc:
                 metrics.CACHE_ERRORS.inc()
                 log.debug("pre-dial check falls back to the store: %s", exc)

@@ -477,3 +477,20 @@ def record_from_event(
         pressed_at=event.timestamp,
         received_at=received_at or utcnow(),
     )
+
+
+def recovered_record(number: str, entry_json: str | None, *, lineage: str, listed_at: int,
+                     back_to: int) -> OptOutRecord:
+    """The opt-out that puts back a number the store lost when it went back (the cache keeper found it listed in
+    Redis at store change `listed_at` of `lineage`); its id is the same in every keeper that finds it."""
+    try:
+        entry: BlacklistEntry | None = BlacklistEntry.model_validate_json(entry_json or "")
+    except ValueError:
+        entry = None
+    return OptOutRecord(
+        event_id="recovered-" + _digest(number, lineage), phone_number=number, number_source="redis view",
+        origin=Origin.ADMIN, source=entry.source if entry else Source.COMPLIANCE, actor="optout-agent",
+        reason=(f"recovered: listed in Redis at store change {listed_at}, lost when the store went back to change "
+                f"{back_to}" + (f" (was: {entry.reason})" if entry else "")),
+        received_at=entry.added_at if entry else utcnow(),
+    )
