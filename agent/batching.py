@@ -31,17 +31,14 @@ class Batcher(Generic[T, R]):
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    def enqueue(self, item: T) -> asyncio.Future[R]:
-        """Queue `item`; the future resolves once its batch is written."""
+    async def submit(self, item: T) -> R:
+        """Queue `item` and wait until its batch is written; returns its result."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name=self._name)
-        return fut
-
-    async def submit(self, item: T) -> R:
-        return await self.enqueue(item)
+        return await fut
 
     async def idle(self) -> None:
         """Wait until everything queued so far has been written (errors go to the callers)."""

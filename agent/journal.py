@@ -11,11 +11,9 @@ SQLite in WAL mode. Two ways to be durable (`OPTOUT_JOURNAL_SYNC`):
 Each write is one `JournalOp`, group-committed (agent/batching.py): what comes during a batch goes in the next.
 
 Why the SNS outbox, the park list and the health probe live here: one row per opt-out carries its store
-state and its publish state, so each transition (stored, published, refused, parked, given back) is one
-atomic SQLite update in the same file that made the press durable. An outbox or a park list of its own
-would need a second durable file and a commit across the two. The probe writes to this file because what
-it proves is that this file still takes writes. The replayer and the publisher work from the row states
-across restarts; rows stored and published are pruned after the retention period.
+state and its publish state, so each transition is one atomic SQLite update in the same file that made the
+press durable; an outbox or a park list of its own would need a second durable file and a commit across the
+two. The probe writes here because what it proves is that this file still takes writes.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum, auto
 from pathlib import Path
-from typing import ClassVar, Generic, Literal, TypeVar, cast
+from typing import ClassVar, Final, Generic, Literal, TypeVar, cast
 
 from agent import metrics
 from agent.batching import Batcher
@@ -273,9 +271,9 @@ class Journal(Resource):
 
     def __init__(self, path: Path, *, publish: bool = False, sync: JournalSync = "relaxed",
                  max_batch: int = 1000) -> None:
-        self._path = path
+        self.path: Final = path
         self._publish = publish
-        self._mode = sync
+        self.mode: Final[JournalSync] = sync
         self._db = SqliteDb(path, synchronous="NORMAL", name="journal")
         self._writes: Batcher[JournalOp[object], object] = Batcher(
             self._write, max_batch=max_batch, name="journal-flush")
@@ -284,14 +282,6 @@ class Journal(Resource):
         self._full = False
         self.healthy = True
         self.last_error: str | None = None
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def mode(self) -> JournalSync:
-        return self._mode
 
     async def open(self) -> None:
         if self._db.is_open:
@@ -315,7 +305,7 @@ class Journal(Resource):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        _fsync_path(self._path.parent)  # the WAL file exists now; make its directory entry durable once
+        _fsync_path(self.path.parent)  # the WAL file exists now; make its directory entry durable once
 
     async def close(self) -> None:
         """Write what is queued, then close. Safe to call twice."""
@@ -335,7 +325,7 @@ class Journal(Resource):
         except (sqlite3.Error, OSError, RuntimeError) as exc:
             if health:
                 self._set_health(False, str(exc))
-            raise JournalError(f"journal {str(self._path)!r} {doing} failed: {exc}") from exc
+            raise JournalError(f"journal {str(self.path)!r} {doing} failed: {exc}") from exc
 
     # --- writes: queued and group-committed ---------------------------------------------------------
     async def append(self, record: OptOutRecord) -> AppendResult:
@@ -349,21 +339,15 @@ class Journal(Resource):
     async def sync(self) -> None:
         """Make every append so far survive a power loss (fsync the WAL); nothing to do in strict mode.
         Concurrent callers share one fsync. Raises JournalError."""
-        if self._mode == "strict":
+        if self.mode == "strict":
             return
         if self._sync_thread is None:
             raise JournalError("journal is closed")
         await self._syncs.submit(None)
 
-    async def mark_stored(self, event_ids: Iterable[str]) -> None:
-        await self._submit(Mark(tuple(event_ids), StoreState.STORED))
-
-    async def mark_published(self, event_ids: Iterable[str]) -> None:
-        await self._submit(Mark(tuple(event_ids), PublishState.PUBLISHED))
-
-    async def mark_publish_refused(self, event_ids: Iterable[str]) -> None:
-        """SNS refused these for good: out of the outbox, kept and listed (`parked`) for a person to look at."""
-        await self._submit(Mark(tuple(event_ids), PublishState.REFUSED))
+    async def mark(self, event_ids: Iterable[str], to: StoreState | PublishState) -> None:
+        """Move rows to `to`: STORED, PUBLISHED or REFUSED (each state says who moves it)."""
+        await self._submit(Mark(tuple(event_ids), to))
 
     async def mark_failed(self, event_id: str, error: str, *, rejected: bool = False) -> bool:
         """Count a failed attempt; a record the store refused PARK_AFTER times is parked. True when it is."""
@@ -407,7 +391,7 @@ class Journal(Resource):
     def _set_health(self, healthy: bool, error: str | None) -> None:
         if healthy != self.healthy:
             (log.info if healthy else log.critical)(
-                "journal %s is %s", self._path, "writable again" if healthy else f"failing: {error}")
+                "journal %s is %s", self.path, "writable again" if healthy else f"failing: {error}")
         self.healthy, self.last_error = healthy, error
         metrics.JOURNAL_UP.set(1 if healthy else 0)
         if not healthy:
@@ -415,7 +399,7 @@ class Journal(Resource):
 
     def _write_batch(self, conn: sqlite3.Connection, batch: Sequence[JournalOp[object]]) -> list[object]:
         now = datetime.now(UTC).isoformat()
-        full = self._mode == "strict" and any(op.durable for op in batch)
+        full = self.mode == "strict" and any(op.durable for op in batch)
         if full != self._full:
             conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             self._full = full
@@ -425,8 +409,7 @@ class Journal(Resource):
     async def _fsync(self, items: Sequence[None]) -> list[None]:
         assert self._sync_thread is not None
         with self._failing("fsync", health=True):
-            wal = f"{self._path}-wal"
-            await asyncio.get_running_loop().run_in_executor(self._sync_thread, _fsync_path, wal, True)
+            await asyncio.get_running_loop().run_in_executor(self._sync_thread, _fsync_path, f"{self.path}-wal", True)
         return [None] * len(items)
 
     # --- reads: on the journal's thread, not queued -------------------------------------------------
@@ -456,14 +439,12 @@ class Journal(Resource):
 
     async def holding(self, numbers: Sequence[str]) -> set[str]:
         """Which of `numbers` have an opt-out here that the store may not have yet (parked ones included)."""
-        found: set[str] = set()
-        for i in range(0, len(numbers), 500):
-            chunk = tuple(numbers[i : i + 500])
-            sql = f"SELECT DISTINCT phone_number FROM journal WHERE {_UNSTORED} AND phone_number IN" \
-                  f" ({','.join('?' * len(chunk))})"
-            rows = await self._read(lambda c: c.execute(sql, chunk).fetchall())  # noqa: B023 - awaited here
-            found.update(str(r[0]) for r in rows)
-        return found
+        def read(conn: sqlite3.Connection) -> set[str]:
+            chunks = (tuple(numbers[i : i + 500]) for i in range(0, len(numbers), 500))
+            return {str(r[0]) for chunk in chunks for r in conn.execute(
+                f"SELECT DISTINCT phone_number FROM journal WHERE {_UNSTORED} AND phone_number IN"
+                f" ({','.join('?' * len(chunk))})", chunk)}
+        return await self._read(read)
 
     async def depth(self) -> int:
         """How many records wait for the store (parked ones included)."""

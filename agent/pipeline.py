@@ -1,5 +1,4 @@
-"""The one opt-out pipeline every way in uses (ARI, AGI, AMI through agent/intake.py; SNS; the CLI), and
-its replayer.
+"""The one opt-out pipeline every way in uses (ARI, AGI, AMI through agent/intake.py; SNS; the CLI) and its replayer.
 
     journal append -> hang up (when there is a call) -> [journal fsync | Redis | hangup confirmation]
                    -> store (blacklist + chained audit row, group-committed) -> journal marked stored
@@ -31,7 +30,7 @@ from agent.batching import Batcher
 from agent.cache import RedisCache
 from agent.constants import Outcome
 from agent.errors import CacheUnavailable, JournalError, StoreRejected, StoreUnavailable
-from agent.journal import PARK_AFTER, AppendResult, Journal
+from agent.journal import PARK_AFTER, AppendResult, Journal, StoreState
 from agent.lifecycle import within
 from agent.optout import HangupInfo, OptOutRecord, clean_text
 from agent.phone import mask
@@ -162,20 +161,15 @@ class OptOutPipeline:
     async def _after_hangup(self, record: OptOutRecord, hangup: HangupInfo | None,
                             confirm: Confirm | None) -> OptOutRecord:
         """fsync, Redis and the hangup's confirmation, side by side: none of them waits for another."""
-        confirmed = confirm(hangup) if confirm is not None and hangup is not None else None
+        confirmed = confirm(hangup) if confirm is not None and hangup is not None else asyncio.sleep(0, hangup)
         synced, visible_at, info = await asyncio.gather(
-            self.journal.sync(), self.make_visible(record), confirmed or _value(hangup), return_exceptions=True)
+            self.journal.sync(), self.make_visible(record), confirmed, return_exceptions=True)
         if isinstance(synced, BaseException):
             log.critical("journal fsync failed (the opt-out survives a crash of the agent, not a power loss, "
                          "until the store has it): %s", synced, extra={"event_id": record.event_id})
-        update: dict[str, object] = {}
-        if isinstance(visible_at, datetime):
-            update["visible_at"] = visible_at
-        if isinstance(info, HangupInfo):
-            update["hangup"] = info
-        elif hangup is not None:
-            update["hangup"] = hangup
-        return record.model_copy(update=update) if update else record
+        update = {"visible_at": visible_at if isinstance(visible_at, datetime) else None,
+                  "hangup": info if isinstance(info, HangupInfo) else hangup}
+        return record.model_copy(update={k: v for k, v in update.items() if v is not None})
 
     async def make_visible(self, record: OptOutRecord) -> datetime | None:
         """Write the opt-out to Redis (dialers see it); the time Redis confirmed it, None when it failed."""
@@ -214,8 +208,7 @@ class OptOutPipeline:
         """The store did not take it: keep the journaled copy current and count the attempt."""
         try:
             await self.journal.replace(record)
-            if await self.journal.mark_failed(record.event_id, error, rejected=rejected):
-                log_parked(record, error)
+            await self.note_failed(record, error, rejected=rejected)
         except JournalError as exc:
             log.error("could not note the failed store attempt in the journal: %s", exc)
 
@@ -241,34 +234,34 @@ class OptOutPipeline:
         """Store a batch. A failure of its data, of any exception type but StoreUnavailable (a refusal, or a
         value the store's driver cannot convert), is narrowed down: each record alone, then without its
         optional fields; what still fails comes back as its StoreRejected. StoreUnavailable is raised."""
-        try:
-            return list(await self.store.write(records))
-        except StoreUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one record's failure must not fail the batch
-            if len(records) > 1:
-                log.warning("store failed a batch of %d, retrying one by one: %s", len(records), failure(exc))
+        batch = await self._write(records)
+        if not isinstance(batch, Exception):
+            return list(batch)
+        if len(records) > 1:
+            log.warning("store failed a batch of %d, retrying one by one: %s", len(records), failure(batch))
         out: list[StoreResult | BaseException] = []
         for record in records:
-            try:
-                out.extend(await self.store.write([record]))
-                continue
-            except StoreUnavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001 - isolated to this record
-                error = failure(exc)
-            metrics.ISOLATED.labels("store").inc()
-            log.warning("store refused opt-out %s (%s); storing it without its optional fields", record.event_id,
-                        error, extra={"event_id": record.event_id})
-            try:
-                out.extend(await self.store.write([stripped(record, error)]))
-            except StoreUnavailable:
-                raise
-            except StoreRejected as again:
-                out.append(again)
-            except Exception as again:  # noqa: BLE001 - isolated to this record
-                out.append(StoreRejected(failure(again)))
+            alone = await self._write([record])
+            if isinstance(alone, Exception):
+                error = failure(alone)
+                metrics.ISOLATED.labels("store").inc()
+                log.warning("store refused opt-out %s (%s); storing it without its optional fields",
+                            record.event_id, error, extra={"event_id": record.event_id})
+                alone = await self._write([stripped(record, error)])
+            if isinstance(alone, Exception):
+                out.append(alone if isinstance(alone, StoreRejected) else StoreRejected(failure(alone)))
+            else:
+                out.extend(alone)
         return out
+
+    async def _write(self, records: Sequence[OptOutRecord]) -> list[StoreResult] | Exception:
+        """The store's answer; any failure but StoreUnavailable (raised) comes back, to be isolated."""
+        try:
+            return await self.store.write(records)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one record's failure must not fail the others
+            return exc
 
     async def retry_held(self) -> int:
         """Put the opt-outs held in memory into the journal (then they are stored as any journaled one), or
@@ -304,19 +297,16 @@ class OptOutPipeline:
     async def complete(self, record: OptOutRecord, stored: StoreResult) -> None:
         """Metrics and the journal mark, once the store has the record (also used by the replayer)."""
         self._count(record, stored)
-        await self.journal.mark_stored([record.event_id])
+        await self.journal.mark([record.event_id], StoreState.STORED)
         if self._on_stored is not None:
             self._on_stored()
 
-
-async def _value(info: HangupInfo | None) -> HangupInfo | None:
-    return info
-
-
-def log_parked(record: OptOutRecord, error: str) -> None:
-    log.error("opt-out %s parked: the store refused it %d times (%s); it stays in the journal, visible to "
-              "the dialers, and `optout parked` lists it", record.event_id, PARK_AFTER, error,
-              extra={"event_id": record.event_id})
+    async def note_failed(self, record: OptOutRecord, error: str, *, rejected: bool) -> None:
+        """Count a failed store attempt in the journal (also used by the replayer); log it once it is parked."""
+        if await self.journal.mark_failed(record.event_id, error, rejected=rejected):
+            log.error("opt-out %s parked: the store refused it %d times (%s); it stays in the journal, visible "
+                      "to the dialers, and `optout parked` lists it", record.event_id, PARK_AFTER, error,
+                      extra={"event_id": record.event_id})
 
 
 class Replayer:
@@ -381,8 +371,7 @@ class Replayer:
                     continue
                 failed.add(record.event_id)  # once per pass: the next pass retries it
                 self._note_failure(record, failure(res))
-                if await journal.mark_failed(record.event_id, failure(res), rejected=True):
-                    log_parked(record, failure(res))
+                await pipeline.note_failed(record, failure(res), rejected=True)
             log.info("replayed %d journaled opt-outs into the store", done)
 
     def _note_failure(self, record: OptOutRecord, error: str) -> None:

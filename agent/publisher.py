@@ -34,7 +34,7 @@ from agent import metrics
 from agent.backoff import Backoff
 from agent.constants import EVENT_TYPE_NUMBER_UNKNOWN, EVENT_TYPE_OPTOUT, SNS_ORIGIN_ATTRIBUTE, Origin
 from agent.errors import AWS_ERRORS, PublishUnavailable
-from agent.journal import Journal
+from agent.journal import Journal, PublishState
 from agent.lifecycle import Resource, within
 from agent.optout import OptOutRecord, clean_text
 
@@ -138,10 +138,7 @@ class SnsPublisher(Resource):
         if self._client is None:
             return False
         try:
-            await self._client.publish(TopicArn=self._topic_arn, Message=json.dumps(message, separators=(",", ":")),
-                                       MessageAttributes={
-                                           "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
-                                           "eventType": {"DataType": "String", "StringValue": event_type}})
+            await self._client.publish(TopicArn=self._topic_arn, **_message(message, event_type))
         except AWS_ERRORS as exc:
             metrics.PUBLISH_ERRORS.inc()
             log.warning("publishing a %s event failed: %s", event_type, exc)
@@ -158,30 +155,27 @@ class SnsPublisher(Resource):
                 return done
             own = [r.event_id for r in records if r.origin is Origin.SNS]
             if own:
-                await self._journal.mark_published(own)
+                await self._journal.mark(own, PublishState.PUBLISHED)
             outgoing: list[OptOutRecord] = []
             unsendable: list[str] = []
-            for record in records:
-                if record.origin is Origin.SNS:
-                    continue
+            for record in (r for r in records if r.origin is not Origin.SNS):
                 try:  # a record that cannot even be written out is set aside, never retried
                     self._entry(0, record)
+                    outgoing.append(record)
                 except Exception as exc:  # noqa: BLE001 - isolated to this record
                     self._refuse(record.event_id, f"cannot be written as an event: {type(exc).__name__}: {exc}")
                     unsendable.append(record.event_id)
-                    continue
-                outgoing.append(record)
             batches = [outgoing[i : i + _BATCH_MAX] for i in range(0, len(outgoing), _BATCH_MAX)]
             results = await asyncio.gather(*(self._publish_isolated(b) for b in batches), return_exceptions=True)
             accepted = [event_id for r in results if isinstance(r, tuple) for event_id in r[0]]
             refused = [*unsendable, *(event_id for r in results if isinstance(r, tuple) for event_id in r[1])]
             if accepted:
-                await self._journal.mark_published(accepted)
+                await self._journal.mark(accepted, PublishState.PUBLISHED)
                 metrics.PUBLISHED.inc(len(accepted))
                 done += len(accepted)
             if refused:
                 metrics.PUBLISH_REFUSED.inc(len(refused))
-                await self._journal.mark_publish_refused(refused)
+                await self._journal.mark(refused, PublishState.REFUSED)
             failures = [r for r in results if isinstance(r, BaseException)]
             for failure in failures:
                 if not isinstance(failure, PublishUnavailable):
@@ -192,15 +186,9 @@ class SnsPublisher(Resource):
 
     @staticmethod
     def _entry(i: int, record: OptOutRecord) -> dict[str, Any]:
-        return {
-            "Id": f"m{i}",  # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
-            "Message": json.dumps(record.event_json(), separators=(",", ":")),
-            "MessageAttributes": {
-                "origin": {"DataType": "String", "StringValue": SNS_ORIGIN_ATTRIBUTE},
-                "eventType": {"DataType": "String", "StringValue": EVENT_TYPE_OPTOUT if record.phone_number
-                              else EVENT_TYPE_NUMBER_UNKNOWN},
-            },
-        }
+        event_type = EVENT_TYPE_OPTOUT if record.phone_number else EVENT_TYPE_NUMBER_UNKNOWN
+        # entry ids must be unique in a batch and [A-Za-z0-9_-]: event ids need not be
+        return {"Id": f"m{i}", **_message(record.event_json(), event_type)}
 
     @staticmethod
     def _refuse(event_id: str, why: str) -> None:
@@ -218,13 +206,8 @@ class SnsPublisher(Resource):
                 self._refuse(records[0].event_id, str(exc))
                 return [], [records[0].event_id]
             log.warning("SNS refused a batch of %d (%s): publishing them one by one", len(records), exc)
-        accepted: list[str] = []
-        refused: list[str] = []
-        for record in records:
-            ok, no = await self._publish_isolated([record])
-            accepted += ok
-            refused += no
-        return accepted, refused
+        alone = [await self._publish_isolated([record]) for record in records]
+        return [i for ok, _ in alone for i in ok], [i for _, no in alone for i in no]
 
     async def _publish_batch(self, records: Sequence[OptOutRecord]) -> tuple[list[str], list[str]]:
         """PublishBatch one chunk; returns the event ids SNS accepted and those it refused for good. Raises
@@ -251,6 +234,13 @@ class SnsPublisher(Resource):
                 metrics.ISOLATED.labels("publisher").inc()
                 refused.append(event_id)
         return [by_id[ok["Id"]] for ok in response.get("Successful", []) if ok.get("Id") in by_id], refused
+
+
+def _message(body: dict[str, Any], event_type: str) -> dict[str, Any]:
+    """One SNS message, published alone or in a batch: its compact JSON and its two attributes."""
+    attributes = {"origin": SNS_ORIGIN_ATTRIBUTE, "eventType": event_type}
+    return {"Message": json.dumps(body, separators=(",", ":")),
+            "MessageAttributes": {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}}
 
 
 class _BatchRefused(Exception):

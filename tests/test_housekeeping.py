@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.housekeeping import Housekeeping
-from agent.journal import Journal
+from agent.journal import Journal, PublishState
 from agent.pipeline import OptOutPipeline, Status
 from agent.store import Store
 from tests.conftest import make_record
@@ -24,7 +24,7 @@ async def test_housekeeping_prunes_old_stored_and_published_rows_and_logs_the_ch
         done, unpublished = make_record("+972501234567"), make_record("+972501234568")
         for record in (done, unpublished):
             assert (await pipeline.submit(record)).status is Status.STORED
-        await journal.mark_published([done.event_id])
+        await journal.mark([done.event_id], PublishState.PUBLISHED)
         upkeep = Housekeeping(journal=journal, store=store, retention=timedelta(0))
         await asyncio.sleep(0.01)
         caplog.set_level(logging.INFO, logger="agent.housekeeping")

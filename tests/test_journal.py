@@ -33,7 +33,7 @@ async def test_append_is_new_then_pending_then_stored(journal: Journal) -> None:
     rec = make_record()
     assert await journal.append(rec) is AppendResult.NEW
     assert await journal.append(rec) is AppendResult.PENDING
-    await journal.mark_stored([rec.event_id])
+    await journal.mark([rec.event_id], StoreState.STORED)
     assert await journal.append(rec) is AppendResult.STORED
     assert await journal.depth() == 0
 
@@ -84,9 +84,9 @@ async def test_publish_outbox_lists_unpublished_records_stored_or_not(tmp_path: 
         a, b = make_record("+972501234567"), make_record("+972501234568")
         await j.append(a)
         await j.append(b)
-        await j.mark_stored([a.event_id])
+        await j.mark([a.event_id], StoreState.STORED)
         assert [r.event_id for r in await j.unpublished()] == [a.event_id, b.event_id]
-        await j.mark_published([a.event_id])
+        await j.mark([a.event_id], PublishState.PUBLISHED)
         assert [r.event_id for r in await j.unpublished()] == [b.event_id]
 
 
@@ -218,9 +218,9 @@ async def test_each_transition_moves_the_row_states_named_in_the_enums(tmp_path:
         for rec in (stored, refused, unsent):
             assert await j.append(rec) is AppendResult.NEW
         assert set(_states(path).values()) == {(StoreState.PENDING.name, PublishState.PENDING.name)}
-        await j.mark_stored([stored.event_id])
-        await j.mark_published([stored.event_id])
-        await j.mark_publish_refused([unsent.event_id])
+        await j.mark([stored.event_id], StoreState.STORED)
+        await j.mark([stored.event_id], PublishState.PUBLISHED)
+        await j.mark([unsent.event_id], PublishState.REFUSED)
         assert [await j.mark_failed(refused.event_id, "no", rejected=True) for _ in range(PARK_AFTER)] \
             == [False] * (PARK_AFTER - 1) + [True]
         assert _states(path) == {stored.event_id: ("STORED", "PUBLISHED"), refused.event_id: ("PARKED", "PENDING"),
@@ -245,7 +245,7 @@ async def test_strict_mode_fsyncs_only_batches_holding_a_durable_operation(tmp_p
         rec = make_record()
         await j.append(rec)
         assert await synchronous() == 2
-        await j.mark_stored([rec.event_id])
+        await j.mark([rec.event_id], StoreState.STORED)
         assert await synchronous() == 1
         await j.replace(rec)
         assert await synchronous() == 2

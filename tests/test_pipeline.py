@@ -19,7 +19,7 @@ import redis
 
 from agent.cache import RedisCache
 from agent.constants import BLACKLIST_SET, Origin, action_key, blacklist_entry_key, campaign_counter_key
-from agent.journal import Journal
+from agent.journal import Journal, PublishState, StoreState
 from agent.keeper import CacheKeeper
 from agent.lookup import BlacklistChecker
 from agent.optout import HangupInfo, OptOutEvent, OptOutRecord, record_from_event
@@ -399,8 +399,8 @@ async def test_retention_prunes_only_rows_stored_and_published(tmp_path: Path) -
         done, unpublished, unstored = make_record("+972501234567"), make_record("+972501234568"), make_record()
         for rec in (done, unpublished, unstored):
             await j.append(rec)
-        await j.mark_stored([done.event_id, unpublished.event_id])
-        await j.mark_published([done.event_id])
+        await j.mark([done.event_id, unpublished.event_id], StoreState.STORED)
+        await j.mark([done.event_id], PublishState.PUBLISHED)
         assert await j.prune(timedelta(days=7)) == 0, "nothing is old enough yet"
         await asyncio.sleep(0.01)
         assert await j.prune(timedelta(0)) == 1
