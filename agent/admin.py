@@ -55,8 +55,9 @@ async def remove(core: Core, number: str, *, reason: str, actor: str) -> tuple[R
     return result, note
 
 
-def timeline(row: ActionRow) -> list[tuple[str, datetime]]:
-    """The moments of one audit row, in time order: press, journal, hangup, visibility, store."""
+def format_timeline(row: ActionRow, shown_number: str) -> str:
+    """One action as a readable timeline: its moments (press, journal, hangup, visibility, store) in time order,
+    relative to the first."""
     asterisk = row.origin in ("ari", "ami")
     steps = [
         ("pressed (Asterisk's clock)" if asterisk else "pressed", row.pressed_at),
@@ -68,12 +69,7 @@ def timeline(row: ActionRow) -> list[tuple[str, datetime]]:
         ("visible to the dialers (cache sync applied it)", row.cache_visible_at),
         ("stored", row.recorded_at),
     ]
-    return sorted(((label, when) for label, when in steps if when is not None), key=lambda m: m[1])
-
-
-def format_timeline(row: ActionRow, shown_number: str) -> str:
-    """One action as a readable timeline (times relative to its first moment)."""
-    moments = timeline(row)
+    moments = sorted(((label, when) for label, when in steps if when is not None), key=lambda m: m[1])
     lines = [f"{row.outcome} {shown_number} via {row.origin} call {row.call_id or '-'}"
              f" campaign {row.campaign_id or '-'} event {row.event_id}"]
     if row.actor or row.reason:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, BinaryIO
 
 from agent import csvsafe
@@ -160,11 +161,6 @@ def _parse_block(first_line: int, data: bytes, end: int, column: int | None, reg
     return block
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the importer stops the workers, they print nothing.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def file_sha256(fh: BinaryIO) -> str:
     """The SHA-256 of the whole file (the key its import resumes by); leaves the file at its start."""
     fh.seek(0)
@@ -209,10 +205,7 @@ def file_blocks(fh: BinaryIO, *, skip_through: int = 0, size: int = 1 << 19,
             lineno += count
             continue
         if lineno <= skip_through:
-            at = -1
-            for _ in range(skip_through - lineno + 1):
-                at = block.index(b"\n", at + 1)
-            block = block[at + 1 :]
+            block = block.split(b"\n", skip_through - lineno + 1)[-1]
             lineno = skip_through + 1
             count = block.count(b"\n")
         yield lineno, block, offset
@@ -253,7 +246,8 @@ async def import_numbers(
     count = workers or min(4, os.cpu_count() or 1)
     loop = asyncio.get_running_loop()
     pending: deque[asyncio.Future[_Block]] = deque()
-    pool = ProcessPoolExecutor(max_workers=count, initializer=_ignore_sigint)
+    # Ctrl-C reaches the whole process group: the importer stops the workers, they print nothing.
+    pool = ProcessPoolExecutor(max_workers=count, initializer=partial(signal.signal, signal.SIGINT, signal.SIG_IGN))
 
     async def commit_oldest() -> bool:
         more = await committer.commit(await pending.popleft())

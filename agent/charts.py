@@ -53,12 +53,9 @@ def _frame(width: int, height: int, label: str, body: list[str]) -> str:
             f'<title>{escape(label)}</title>{"".join(body)}</svg>')
 
 
-def _y_axis(body: list[str], *, top: float, left: float, plot_w: float, plot_h: float, ymax: float,
-            unit: str = "") -> float:
-    """Gridlines and labels; returns the value at the top of the plot."""
-    step = nice_step(ymax) if ymax > 0 else 1.0
-    if step < 1 and not unit:
-        step = 1.0
+def _y_axis(body: list[str], *, top: float, left: float, plot_w: float, plot_h: float, ymax: float) -> float:
+    """Gridlines and labels for counts (whole steps); returns the value at the top of the plot."""
+    step = max(nice_step(ymax), 1.0)
     top_value = max(step, math.ceil(ymax / step) * step)
     tick = 0.0
     while tick <= top_value + step / 2:

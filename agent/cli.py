@@ -167,10 +167,8 @@ async def cmd_import(core: Core, args: argparse.Namespace) -> int:
 
 
 async def cmd_export(core: Core, args: argparse.Namespace) -> int:
-    if args.audit:
-        chunks = bulk.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix)
-    else:
-        chunks = bulk.export_csv(core)
+    chunks = (bulk.export_audit_csv(core, campaign_id=args.campaign, number_prefix=args.prefix) if args.audit
+              else bulk.export_csv(core))
     out = sys.stdout.buffer
     async for chunk in chunks:
         out.write(chunk)
@@ -181,11 +179,11 @@ async def cmd_export(core: Core, args: argparse.Namespace) -> int:
 async def cmd_history(core: Core, args: argparse.Namespace) -> int:
     [e164] = core.checker.normalise([args.number])
     rows = await core.store.history(e164)
+    shown = _shown(e164, core.settings)
     for row in rows:
-        shown = _shown(e164, core.settings)
         print(json.dumps(asdict(row), default=str) if args.json else admin.format_timeline(row, shown))
     if not rows:
-        print(f"no actions recorded for {_shown(e164, core.settings)}", file=sys.stderr)
+        print(f"no actions recorded for {shown}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -309,33 +307,26 @@ async def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if call.hung_up else EXIT_FOUND
 
 
-def free_text(option: str) -> Callable[[str], str]:
-    """An argparse type: free text by the one rule (agent/optout.py), refused naming the option (exit 2)."""
+def checked(option: str, rule: Callable[[str], str | None]) -> Callable[[str], str]:
+    """An argparse type: `option`'s value by one rule of agent/optout.py, refused naming the option (exit 2)."""
     def check(value: str) -> str:
-        if (problem := text_problem(value, TEXT_MAX)) is not None:
+        if (problem := rule(value)) is not None:
             raise argparse.ArgumentTypeError(f"{option} {problem}")
         return value
     return check
 
 
-def identifier(option: str) -> Callable[[str], str]:
-    """An argparse type: an identifier by the one rule (agent/optout.py), refused naming the option (exit 2)."""
-    def check(value: str) -> str:
-        if (problem := id_problem(value)) is not None:
-            raise argparse.ArgumentTypeError(f"{option} {problem}")
-        return value
-    return check
+REASON = checked("--reason", lambda value: text_problem(value, TEXT_MAX))
+CAMPAIGN = checked("--campaign", id_problem)
 
 
-def moment(option: str) -> Callable[[str], datetime]:
-    """An argparse type: an ISO 8601 time (UTC unless it carries an offset), refused naming the option."""
-    def parse(value: str) -> datetime:
-        try:
-            at = datetime.fromisoformat(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} is not an ISO 8601 time: {value[:40]!r}") from None
-        return at if at.tzinfo else at.replace(tzinfo=UTC)
-    return parse
+def since_time(value: str) -> datetime:
+    """The argparse type of `replay --since`: an ISO 8601 time (UTC unless it carries an offset)."""
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since is not an ISO 8601 time: {value[:40]!r}") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,19 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("number", metavar="NUMBER")
     a.add_argument("--source", choices=[Source.ADMIN_IMPORT.value, Source.COMPLIANCE.value],
                    default=Source.ADMIN_IMPORT.value)
-    a.add_argument("--reason", type=free_text("--reason"))
+    a.add_argument("--reason", type=REASON)
     r = sub.add_parser("remove", help="take a number off the blacklist (audited)")
     r.add_argument("number", metavar="NUMBER")
-    r.add_argument("--reason", required=True, type=free_text("--reason"))
+    r.add_argument("--reason", required=True, type=REASON)
     i = sub.add_parser("import", help="import numbers (CSV with a phone column, or one per line)")
     i.add_argument("file", metavar="FILE")
     i.add_argument("--source", choices=[s.value for s in Source], default=Source.ADMIN_IMPORT.value)
-    i.add_argument("--reason", default="imported", type=free_text("--reason"))
+    i.add_argument("--reason", default="imported", type=REASON)
     i.add_argument("--restart", action="store_true",
                    help="start from line 1 even if an earlier run of this file was interrupted (default: resume)")
     e = sub.add_parser("export", help="the blacklist as CSV on stdout (--audit: the audit trail)")
     e.add_argument("--audit", action="store_true", help="export audit rows instead of the blacklist")
-    e.add_argument("--campaign", type=identifier("--campaign"), help="with --audit: only this campaign")
+    e.add_argument("--campaign", type=CAMPAIGN, help="with --audit: only this campaign")
     e.add_argument("--prefix", help="with --audit: only numbers starting with this E.164 prefix")
     h = sub.add_parser("history", help="the timeline of every action on one number")
     h.add_argument("number", metavar="NUMBER")
@@ -375,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("replay", help="after the store was restored from a backup: write again every opt-out "
                                        "this host's journal took since a moment (the journal keeps them "
                                        "OPTOUT_JOURNAL_RETENTION_DAYS)")
-    rl.add_argument("--since", required=True, type=moment("--since"), metavar="TIME",
+    rl.add_argument("--since", required=True, type=since_time, metavar="TIME",
                     help="the backup's time, ISO 8601 (UTC unless it carries an offset)")
     au = sub.add_parser("audit", help="the tamper-evident audit chain")
     au.add_argument("action", choices=["verify", "head"])
@@ -383,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="the compliance report: one self-contained HTML file (and CSV tables)")
     rp.add_argument("--since", metavar="DATE", help="first day (YYYY-MM-DD, UTC)")
     rp.add_argument("--until", metavar="DATE", help="last day, included")
-    rp.add_argument("--campaign", metavar="ID", type=identifier("--campaign"))
+    rp.add_argument("--campaign", metavar="ID", type=CAMPAIGN)
     rp.add_argument("--out", metavar="FILE.html", required=True)
     rp.add_argument("--csv", metavar="DIR", help="also write the tables as CSV files into DIR")
     t = sub.add_parser("call", help="place a test call through Asterisk that presses digits")
@@ -418,12 +409,10 @@ async def _run_command(settings: Settings, args: argparse.Namespace) -> int:
         if not migrate:
             try:
                 await core.store.require_schema()  # never answer from a store the agent does not use
-            except SchemaMissing:
-                raise
-            except StoreUnavailable:
-                if args.command != "check":
-                    raise
+            except StoreUnavailable as exc:
                 # A store that is down is not a wrong store: the check goes on with what Redis can prove.
+                if isinstance(exc, SchemaMissing) or args.command != "check":
+                    raise
         return await COMMANDS[args.command](core, args)
 
 
@@ -452,14 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run_command(settings, args))
     except KeyboardInterrupt:
         return 130
-    except SchemaMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except StoreUnavailable as exc:
-        print(f"error: store unavailable: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except (OptOutError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        unavailable = isinstance(exc, StoreUnavailable) and not isinstance(exc, SchemaMissing)
+        print(f"error: {'store unavailable: ' if unavailable else ''}{exc}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from html import escape
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from agent import charts, csvsafe
 from agent.audit import ChainReport
@@ -37,6 +37,7 @@ from agent.constants import Origin, Outcome, Source
 from agent.phone import mask
 from agent.store import ActionRow, Store
 
+T = TypeVar("T")
 RESERVOIR = 100_000
 TABLE_ROWS = 10_000
 """Prevented calls and removals listed (the newest); the counts cover all of them."""
@@ -51,10 +52,6 @@ MAX_DAY_SPAN = 1000
 PERCENTILES = (50, 90, 99)
 LOG_RATIO = 20
 LOG_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-
-
-def _ms(start: datetime | None, end: datetime | None) -> float | None:
-    return None if start is None or end is None else (end - start).total_seconds() * 1000
 
 
 @dataclass
@@ -243,12 +240,9 @@ class ReportData:
             self.spoken.append(Spoken(received, row.phone_number, outcome, row.speech_transcript, row.speech_score,
                                       row.speech_phrase, row.event_id))
         press = row.pressed_at or received
-        hangup = _ms(press, row.hungup_at or row.hangup_requested_at)
-        if hangup is not None:
-            self.hangup.add(hangup)
-        visible = _ms(press, row.seen_at)
-        if visible is not None:
-            self.visible.add(visible)
+        for latencies, end in ((self.hangup, row.hungup_at or row.hangup_requested_at), (self.visible, row.seen_at)):
+            if end is not None:
+                latencies.add((end - press).total_seconds() * 1000)
 
 
 async def collect(
@@ -423,7 +417,10 @@ def render_html(data: ReportData, chain: ChainReport, *, generated_at: datetime,
         '<p class="note">What callees said (agent/speech): <code>blacklisted</code> and the like were honoured '
         "like a press; <code>speech_candidate</code> were flagged for review and changed nothing. Transcripts are "
         "personal data.</p>",
-        _spoken_listing(data, full_numbers),
+        _listing(data.spoken, data.spoken_total,
+                 ["time", "number", "outcome", "transcript", "score", "phrase", "event"],
+                 lambda s: [when(s.at), shown(s.phone_number, full_numbers), s.outcome, s.transcript or "-",
+                            s.score or "-", s.phrase or "-", s.event_id]),
         "<h2>Removals</h2>",
         '<p class="note">Removals belong to no campaign: a campaign report lists none.</p>' if data.campaign else "",
         _listing(data.removals, data.removed_total, ["time", "number", "who", "why", "event"],
@@ -444,21 +441,12 @@ def render_html(data: ReportData, chain: ChainReport, *, generated_at: datetime,
     return "\n".join(p for p in parts if p)
 
 
-def _spoken_listing(data: ReportData, full_numbers: bool) -> str:
-    if not data.spoken_total:
-        return '<p class="note">None in this period.</p>'
-    note = (f'<p class="note">The newest {len(data.spoken)} of {data.spoken_total}.</p>'
-            if len(data.spoken) < data.spoken_total else "")
-    return note + _table(["time", "number", "outcome", "transcript", "score", "phrase", "event"],
-                         [[when(s.at), shown(s.phone_number, full_numbers), s.outcome, s.transcript or "-",
-                           s.score or "-", s.phrase or "-", s.event_id] for s in reversed(data.spoken)])
-
-
-def _listing(actions: deque[Action], total: int, header: list[str], row: Callable[[Action], list[str]]) -> str:
+def _listing(items: deque[T], total: int, header: list[str], row: Callable[[T], list[str]]) -> str:
+    """The newest `items` (of `total`) as a table, newest first."""
     if not total:
         return '<p class="note">None in this period.</p>'
-    note = (f'<p class="note">The newest {len(actions)} of {total}.</p>' if len(actions) < total else "")
-    return note + _table(header, [row(a) for a in reversed(actions)])
+    note = (f'<p class="note">The newest {len(items)} of {total}.</p>' if len(items) < total else "")
+    return note + _table(header, [row(item) for item in reversed(items)])
 
 
 # --- CSV -------------------------------------------------------------------------------------------------------
@@ -468,18 +456,17 @@ def write_csv(data: ReportData, directory: Path, *, chain: ChainReport | None = 
     percentiles and histograms, prevented calls, removals and, when given, the chain's status. Returns
     the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
+    measures = (("press_to_hangup", data.hangup), ("press_to_visible", data.visible))
     tables: dict[str, tuple[list[str], list[list[Any]]]] = {
         "per_day.csv": (PER_DAY_HEADER, _per_day_rows(data)),
         "latency.csv": (["measure", "count", "sampled", *(f"p{p}_ms" for p in PERCENTILES), "min_ms", "max_ms",
                          "mean_ms"],
                         [[name, lat.count, len(lat.sample), *(_round(lat.percentile(p)) for p in PERCENTILES),
                           _round(lat.minimum if lat.count else None), _round(lat.maximum if lat.count else None),
-                          _round(lat.mean)]
-                         for name, lat in (("press_to_hangup", data.hangup), ("press_to_visible", data.visible))]),
+                          _round(lat.mean)] for name, lat in measures]),
         "latency_histogram.csv": (["measure", "from_ms", "to_ms", "count"], [
             [name, _round(lo), _round(hi), count]
-            for name, lat in (("press_to_hangup", data.hangup), ("press_to_visible", data.visible))
-            for lo, hi, count in _bin_rows(lat)]),
+            for name, lat in measures for lo, hi, count in _bin_rows(lat)]),
         "prevented.csv": (["at", "phone_number", "via", "campaign_id", "call_id", "event_id"], [
             [a.at, _csv_number(a.phone_number, full_numbers), a.origin, a.campaign_id, a.call_id, a.event_id]
             for a in data.prevented]),
@@ -492,12 +479,9 @@ def write_csv(data: ReportData, directory: Path, *, chain: ChainReport | None = 
     if chain is not None:
         tables["chain.csv"] = (["intact", "rows", "legacy_rows", "broken_at", "problem", "head"], [
             ["yes" if chain.intact else "no", chain.rows, chain.legacy, chain.broken_at, chain.problem, chain.head]])
-    written = []
     for name, (header, rows) in tables.items():
-        path = directory / name
-        path.write_bytes(csvsafe.rows_csv([header, *rows]))
-        written.append(path)
-    return written
+        (directory / name).write_bytes(csvsafe.rows_csv([header, *rows]))
+    return [directory / name for name in tables]
 
 
 def _round(value: float | None) -> float | None:
