@@ -104,10 +104,9 @@ class DialGuard:
     def _audit(self, number: str, *, via: Origin, ids: tuple[str | None, ...]) -> None:
         now = datetime.now(UTC)
         call_id, campaign_id, contact_id = (clean_id(i) for i in ids)
-        extra: dict[str, Any] = {"call_id": call_id, "campaign_id": campaign_id, "contact_id": contact_id}
         row = admin_row(event_id=f"prevented-{uuid.uuid4()}", phone_number=number, outcome=Outcome.PREVENTED,
                         at=now, recorded_at=now, actor=None, reason="call to a blacklisted number prevented",
-                        origin=via.value, **extra)
+                        origin=via.value, call_id=call_id, campaign_id=campaign_id, contact_id=contact_id)
         task = asyncio.get_running_loop().create_task(self._write(row), name="prevented-call-record")
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

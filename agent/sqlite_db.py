@@ -54,10 +54,9 @@ class SqliteDb(Resource):
     def _connect(self) -> None:
         if self._create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
-        else:
-            uri = f"file:{self.path.resolve()}?mode=rw"
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=10.0)
+        target = self.path if self._create else f"file:{self.path.resolve()}?mode=rw"
+        conn = sqlite3.connect(target, uri=not self._create, check_same_thread=False, isolation_level=None,
+                               timeout=10.0)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")

@@ -20,7 +20,8 @@ from importlib import resources
 from typing import Any, Literal
 
 from agent import audit
-from agent.constants import CHANGE_OUTCOMES, Outcome, Source
+from agent.constants import CHANGE_OUTCOMES, TABLE_IMPORTS, TABLE_SCHEMA_VERSION, Outcome, Source
+from agent.errors import SchemaMissing
 from agent.lifecycle import Resource
 from agent.optout import BlacklistEntry, OptOutRecord, entry_json, iso_z, outcome_of
 
@@ -266,12 +267,16 @@ CHANGES_SQL = (
 made visible late when the writer could not (imports and recoveries have nobody waiting on them)."""
 POSITION_SQL = (f"SELECT a.id, {LINEAGE_SQL} FROM optout_actions a"
                 " WHERE a.id = (SELECT max(id) FROM optout_actions) OR a.id = {m}")
+HEAD_SQL = "SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1"
+REMOVAL_REFUSED_SQL = (
+    "SELECT 1 FROM optout_actions WHERE phone_number = {m} AND id > {m} AND outcome IN"
+    f" ('{Outcome.BLACKLISTED.value}', '{Outcome.ALREADY_BLACKLISTED.value}') LIMIT 1")
+"""Whether an opt-out of a number was stored after a sequence (parameters: number, sequence)."""
 
 
-def removal_refused_sql(mark: str) -> str:
-    """Whether an opt-out of a number was stored after a sequence (parameters: number, sequence)."""
-    return (f"SELECT 1 FROM optout_actions WHERE phone_number = {mark} AND id > {mark} AND outcome IN"
-            f" ('{Outcome.BLACKLISTED.value}', '{Outcome.ALREADY_BLACKLISTED.value}') LIMIT 1")
+def chain_head_of(rows: Sequence[Sequence[Any]]) -> tuple[int, str | None]:
+    """The result of HEAD_SQL as (id, hash), (0, None) for an empty trail."""
+    return (int(rows[0][0]), rows[0][1]) if rows else (0, None)
 
 
 def position_of(rows: Sequence[Sequence[Any]], at: int | None) -> StorePosition:
@@ -334,18 +339,31 @@ class Store(Resource, ABC):
     dialect: str
     location: str
     """Where it is, for messages (a file path, or the database's host and name; never a password)."""
+    setting: str
+    """How the operator points the agent at its store, for messages."""
+
+    @abstractmethod
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read (`{m}` in `sql` stands for the dialect's placeholder), errors mapped to ours."""
 
     @abstractmethod
     async def migrate(self) -> list[str]:
         """Create or upgrade the schema; returns the migrations applied now (empty when up to date)."""
 
-    @abstractmethod
     async def require_schema(self) -> None:
         """Raise SchemaMissing unless the schema is there and current (StoreUnavailable when unreachable)."""
+        try:
+            done = {int(r[0]) for r in await self._query(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")}
+        except SchemaMissing:  # no version table: nothing applied
+            done = set()
+        missing = [name for version, name, _ in migrations(self.dialect) if version not in done]
+        if missing:
+            raise SchemaMissing(f"{self.location} lacks the opt-out schema ({', '.join(missing)} not applied): "
+                                f"run `optout migrate`, or {self.setting}")
 
-    @abstractmethod
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
+        await self._query("SELECT 1")
 
     @abstractmethod
     async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
@@ -376,9 +394,9 @@ class Store(Resource, ABC):
         """The change sequence: the id of the newest audit row (0 when there is none)."""
         return (await self.position()).head.seq
 
-    @abstractmethod
     async def position(self, at: int | None = None) -> StorePosition:
         """The head and its lineage, and the lineage of the row `at` (one query)."""
+        return position_of(await self._query(POSITION_SQL, (-1 if at is None else at,)), at)
 
     @abstractmethod
     async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
@@ -407,9 +425,14 @@ class Store(Resource, ABC):
         `mark.last_line` (adding its added and bad counts) in the same transaction. Raises StoreUnavailable /
         StoreRejected as `write` does."""
 
-    @abstractmethod
     async def import_state(self, sha256: str) -> ImportMark | None:
         """How far the import of the file with this SHA-256 got (None: never started)."""
+        rows = await self._query(f"SELECT file_name, last_line, added, bad, finished_at IS NOT NULL"
+                                 f" FROM {TABLE_IMPORTS} WHERE file_sha256 = {{m}}", (sha256,))
+        if not rows:
+            return None
+        name, last_line, added, bad, finished = rows[0]
+        return ImportMark(sha256, name, int(last_line), int(added), int(bad), bool(finished))
 
     @abstractmethod
     async def import_begin(self, sha256: str, name: str) -> None:
@@ -446,6 +469,6 @@ class Store(Resource, ABC):
         """Every audit row with its hashes, in id order (for `audit.ChainVerifier`)."""
         return self.actions()
 
-    @abstractmethod
     async def chain_head(self) -> tuple[int, str | None]:
         """(rows in the audit trail, the newest row's hash)."""
+        return chain_head_of(await self._query(HEAD_SQL))

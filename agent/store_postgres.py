@@ -31,7 +31,8 @@ from agent.store import (
     ACTION_SQL,
     ACTIONS_FROM,
     CHANGES_SQL,
-    POSITION_SQL,
+    HEAD_SQL,
+    REMOVAL_REFUSED_SQL,
     ActionRow,
     Change,
     ImportBatch,
@@ -39,18 +40,16 @@ from agent.store import (
     Removal,
     RemoveResult,
     Store,
-    StorePosition,
     StoreResult,
     WritePlan,
     action_filters,
     admin_row,
+    chain_head_of,
     change_of,
     import_template,
     metadata_json,
     migrations,
     plan_write,
-    position_of,
-    removal_refused_sql,
 )
 
 _MIGRATION_LOCK = 0x0F7_0A7  # pg_advisory_xact_lock key: one migrator at a time
@@ -146,6 +145,7 @@ class PostgresStore(Store):
     """The store on PostgreSQL. `conninfo` is a libpq URL; credentials come from it (the environment)."""
 
     dialect = "postgres"
+    setting = "point DATABASE_URL at the agent's database"
 
     def __init__(
         self, conninfo: str, *, pool_size: int = 8, timeout: float = 3.0, operation_timeout: float = 20.0
@@ -210,9 +210,10 @@ class PostgresStore(Store):
         except (UnicodeError, ValueError) as exc:  # a value psycopg cannot send at all
             raise StoreRejected(f"{self.location}: a value cannot be sent: {exc}") from exc
 
-    async def ping(self) -> None:
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self._tx() as conn:
-            await conn.execute("SELECT 1")
+            cur = await conn.execute(sql.format(m="%s"), params)
+            return await cur.fetchall()
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
@@ -233,19 +234,6 @@ class PostgresStore(Store):
                 )
                 applied.append(name)
         return applied
-
-    async def require_schema(self) -> None:
-        async with self._tx() as conn:
-            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE_SCHEMA_VERSION,))
-            row = await cur.fetchone()
-            done: set[int] = set()
-            if row and row[0]:
-                cur = await conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")
-                done = {r[0] for r in await cur.fetchall()}
-        missing = [name for version, name, _ in migrations(self.dialect) if version not in done]
-        if missing:
-            raise SchemaMissing(f"{self.location} lacks the opt-out schema ({', '.join(missing)} not applied): "
-                                "run `optout migrate`, or point DATABASE_URL at the agent's database")
 
     # --- writes: every one appends to the chain under CHAIN_LOCK ------------------------------------------
     async def _lock_and_read(self, conn: psycopg.AsyncConnection[Any], ids: list[str],
@@ -301,7 +289,7 @@ class PostgresStore(Store):
     async def remove(self, removal: Removal) -> RemoveResult:
         async with self._tx(pipelined=True) as conn:
             _, _, head = await self._lock_and_read(conn, [], [])
-            cur = await conn.execute(removal_refused_sql("%s"), (removal.phone_number, removal.seen_seq))
+            cur = await conn.execute(REMOVAL_REFUSED_SQL.format(m="%s"), (removal.phone_number, removal.seen_seq))
             if await cur.fetchone() is not None:
                 return RemoveResult.OPTED_OUT_SINCE
             cur = await conn.execute(
@@ -322,9 +310,8 @@ class PostgresStore(Store):
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
         async with self._tx() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
-            cur = await conn.execute("SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1")
-            last = await cur.fetchone()
-            after, head = (int(last[0]), last[1]) if last else (0, None)
+            cur = await conn.execute(HEAD_SQL)
+            after, head = chain_head_of(await cur.fetchall())
             new: list[str] = []
             seq = after
             if numbers:
@@ -355,14 +342,6 @@ class PostgresStore(Store):
                     f"UPDATE {TABLE_IMPORTS} SET last_line = %s, added = added + %s, bad = bad + %s,"
                     " updated_at = now() WHERE file_sha256 = %s", (mark.last_line, len(new), mark.bad, mark.sha256))
         return ImportBatch(new, after, seq)
-
-    async def import_state(self, sha256: str) -> ImportMark | None:
-        async with self._tx() as conn:
-            cur = await conn.execute(
-                f"SELECT file_name, last_line, added, bad, finished_at IS NOT NULL FROM {TABLE_IMPORTS}"
-                " WHERE file_sha256 = %s", (sha256,))
-            row = await cur.fetchone()
-        return ImportMark(sha256, row[0], int(row[1]), int(row[2]), int(row[3]), bool(row[4])) if row else None
 
     async def import_begin(self, sha256: str, name: str) -> None:
         async with self._tx() as conn:
@@ -420,11 +399,8 @@ class PostgresStore(Store):
     async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
         if not numbers:
             return set()
-        async with self._tx() as conn:
-            cur = await conn.execute(
-                "SELECT phone_number FROM blacklist WHERE phone_number = ANY(%s)", (list(numbers),)
-            )
-            return {row[0] for row in await cur.fetchall()}
+        return {r[0] for r in await self._query("SELECT phone_number FROM blacklist WHERE phone_number = ANY({m})",
+                                                (list(numbers),))}
 
     async def entries(self, *, batch_size: int = 10_000) -> AsyncIterator[list[BlacklistEntry]]:
         async with self._tx(streaming=True) as conn, conn.cursor(name=f"bl_{uuid.uuid4().hex[:8]}") as cur:
@@ -436,22 +412,13 @@ class PostgresStore(Store):
                 ]
 
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
-        async with self._tx() as conn:
-            cur = await conn.execute(CHANGES_SQL.format(m="%s"), (after, upto, limit))
-            return [change_of(row) for row in await cur.fetchall()]
-
-    async def position(self, at: int | None = None) -> StorePosition:
-        async with self._tx() as conn:
-            cur = await conn.execute(POSITION_SQL.format(m="%s"), (-1 if at is None else at,))
-            return position_of(await cur.fetchall(), at)
+        return [change_of(row) for row in await self._query(CHANGES_SQL, (after, upto, limit))]
 
     async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
         if not event_ids:
             return {}
-        async with self._tx() as conn:
-            cur = await conn.execute("SELECT event_id, id FROM optout_actions WHERE event_id = ANY(%s)",
-                                     (list(event_ids),))
-            return {str(e): int(i) for e, i in await cur.fetchall()}
+        return {str(e): int(i) for e, i in await self._query(
+            "SELECT event_id, id FROM optout_actions WHERE event_id = ANY({m})", (list(event_ids),))}
 
     async def watch(self) -> AsyncIterator[None]:
         """LISTEN on the channel a statement trigger on the audit trail notifies at every commit."""
@@ -492,10 +459,3 @@ class PostgresStore(Store):
             while rows := await cur.fetchmany(5000):
                 for row in rows:
                     yield ActionRow(**row)
-
-    async def chain_head(self) -> tuple[int, str | None]:
-        async with self._tx() as conn:
-            cur = await conn.execute("SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1")
-            row = await cur.fetchone()
-            return (int(row[0]), row[1]) if row else (0, None)
-

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +24,8 @@ from agent.sqlite_db import SqliteDb, transaction
 from agent.store import (
     ACTION_SQL,
     CHANGES_SQL,
-    POSITION_SQL,
+    HEAD_SQL,
+    REMOVAL_REFUSED_SQL,
     ActionRow,
     Change,
     ImportBatch,
@@ -32,26 +33,22 @@ from agent.store import (
     Removal,
     RemoveResult,
     Store,
-    StorePosition,
     StoreResult,
     WritePlan,
     action_filters,
     admin_row,
+    chain_head_of,
     change_of,
     import_template,
     metadata_json,
     migrations,
     plan_write,
-    position_of,
-    removal_refused_sql,
 )
 
 T = TypeVar("T")
 _ROW_COLUMNS = audit.ROW_COLUMNS
 _INSERT_ACTION = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
-                  f"VALUES ({', '.join(f':{c}' for c in _ROW_COLUMNS)})")
-_INSERT_ACTION_ROW = (f"INSERT INTO optout_actions ({', '.join(_ROW_COLUMNS)}) "
-                      f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)})")
+                  f"VALUES ({', '.join('?' for _ in _ROW_COLUMNS)})")
 
 
 def ts(value: datetime | None) -> str | None:
@@ -59,15 +56,16 @@ def ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00") if value else None
 
 
-def _params(row: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+def _values(row: dict[str, Any]) -> list[Any]:
+    """The audit row's values in _INSERT_ACTION's order, as SQLite stores them."""
+    out = []
     for c in _ROW_COLUMNS:
         value = row.get(c)
         if c in audit.TIMESTAMP_COLUMNS:
             value = ts(value)
         elif c in audit.JSON_COLUMNS and value is not None:
             value = json.dumps(value, separators=(",", ":"))
-        out[c] = value
+        out.append(value)
     return out
 
 
@@ -76,6 +74,13 @@ def _when(text: str | None) -> datetime | None:
 
 
 _TIMES = frozenset({*audit.TIMESTAMP_COLUMNS, "cache_visible_at"})
+
+
+def _in_chunks(conn: sqlite3.Connection, sql: str, values: Sequence[str]) -> Iterator[Any]:
+    """The rows of `sql` whose `IN ({})` takes `values`, 500 at a time (SQLite bounds a statement's parameters)."""
+    for i in range(0, len(values), 500):
+        chunk = list(values[i : i + 500])
+        yield from conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
 
 
 def _rows(cur: sqlite3.Cursor) -> list[ActionRow]:
@@ -97,6 +102,7 @@ class SqliteStore(Store):
     """
 
     dialect = "sqlite"
+    setting = "point OPTOUT_DB_PATH at the agent's store"
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self._db = SqliteDb(path, synchronous="FULL", create=create, name="sqlite-store")
@@ -106,8 +112,8 @@ class SqliteStore(Store):
         try:
             await self._db.open()
         except sqlite3.Error as exc:
-            raise SchemaMissing(f"{self.location} cannot be opened ({exc}): run `optout migrate`, or point "
-                                "OPTOUT_DB_PATH at the agent's store") from exc
+            raise SchemaMissing(
+                f"{self.location} cannot be opened ({exc}): run `optout migrate`, or {self.setting}") from exc
 
     async def close(self) -> None:
         await self._db.close()
@@ -124,56 +130,49 @@ class SqliteStore(Store):
         except (sqlite3.Error, UnicodeError, ValueError, OverflowError) as exc:
             raise StoreRejected(f"{self.location} refused the data: {type(exc).__name__}: {exc}") from exc
 
-    async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1"))
+    async def _run_tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` in one write transaction (see `transaction`)."""
+        def in_tx(conn: sqlite3.Connection, *a: Any) -> T:
+            with transaction(conn):
+                return fn(conn, *a)
+
+        return await self._run(in_tx, *args)
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self._run(lambda c: c.execute(sql.format(m="?"), params).fetchall())
 
     async def migrate(self) -> list[str]:
-        return await self._run(self._migrate)
+        return await self._run_tx(self._migrate)
 
     def _migrate(self, conn: sqlite3.Connection) -> list[str]:
         applied = []
-        with transaction(conn):
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {TABLE_SCHEMA_VERSION} (version INTEGER PRIMARY KEY,"
-                " name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-            )
-            done = {r[0] for r in conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")}
-            for version, name, sql in migrations(self.dialect):
-                if version in done:
-                    continue
-                for statement in _split_sql(sql):
-                    conn.execute(statement)
-                conn.execute(f"INSERT INTO {TABLE_SCHEMA_VERSION} (version, name) VALUES (?, ?)", (version, name))
-                applied.append(name)
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE_SCHEMA_VERSION} (version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+        )
+        done = {r[0] for r in conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")}
+        for version, name, sql in migrations(self.dialect):
+            if version in done:
+                continue
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute(f"INSERT INTO {TABLE_SCHEMA_VERSION} (version, name) VALUES (?, ?)", (version, name))
+            applied.append(name)
         return applied
-
-    async def require_schema(self) -> None:
-        def versions(conn: sqlite3.Connection) -> set[int]:
-            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (TABLE_SCHEMA_VERSION,)).fetchone():
-                return set()
-            return {r[0] for r in conn.execute(f"SELECT version FROM {TABLE_SCHEMA_VERSION}")}
-
-        done = await self._run(versions)
-        missing = [name for version, name, _ in migrations(self.dialect) if version not in done]
-        if missing:
-            raise SchemaMissing(f"{self.location} lacks the opt-out schema ({', '.join(missing)} not applied): "
-                                "run `optout migrate`, or point OPTOUT_DB_PATH at the agent's store")
 
     # --- writes --------------------------------------------------------------------------------------------
     @staticmethod
     def _read(conn: sqlite3.Connection, ids: list[str], numbers: list[str]) -> tuple[set[str], set[str], str | None]:
-        seen: set[str] = set()
-        listed: set[str] = set()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            seen.update(r[0] for r in conn.execute(
-                f"SELECT event_id FROM optout_actions WHERE event_id IN ({','.join('?' * len(chunk))})", chunk))
-        for i in range(0, len(numbers), 500):
-            chunk = numbers[i : i + 500]
-            listed.update(r[0] for r in conn.execute(
-                f"SELECT phone_number FROM blacklist WHERE phone_number IN ({','.join('?' * len(chunk))})", chunk))
-        row = conn.execute("SELECT row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone()
-        return seen, listed, row[0] if row else None
+        seen = {r[0] for r in _in_chunks(conn, "SELECT event_id FROM optout_actions WHERE event_id IN ({})", ids)}
+        listed = {r[0] for r in _in_chunks(conn, "SELECT phone_number FROM blacklist WHERE phone_number IN ({})",
+                                           numbers)}
+        return seen, listed, chain_head_of(conn.execute(HEAD_SQL).fetchall())[1]
+
+    @classmethod
+    def _append(cls, conn: sqlite3.Connection, row: dict[str, Any]) -> None:
+        """Chain `row` to the head and insert it (in the caller's transaction)."""
+        audit.chain([row], cls._read(conn, [], [])[2])
+        conn.execute(_INSERT_ACTION, _values(row))
 
     @staticmethod
     def _insert(conn: sqlite3.Connection, plan: WritePlan) -> None:
@@ -182,7 +181,7 @@ class SqliteStore(Store):
             " ON CONFLICT (phone_number) DO NOTHING",
             [(r.phone_number, ts(r.received_at), r.reason, r.source.value, metadata_json(r)) for r in plan.blacklist],
         )
-        conn.executemany(_INSERT_ACTION, [_params(row) for row in plan.actions])
+        conn.executemany(_INSERT_ACTION, [_values(row) for row in plan.actions])
         conn.executemany(
             "INSERT INTO campaign_optouts (campaign_id, optouts, last_optout_at) VALUES (?, ?, ?)"
             " ON CONFLICT (campaign_id) DO UPDATE SET optouts = optouts + excluded.optouts,"
@@ -191,109 +190,83 @@ class SqliteStore(Store):
         )
 
     async def write(self, records: Sequence[OptOutRecord]) -> list[StoreResult]:
-        return await self._run(self._write, list(records))
+        return await self._run_tx(self._write, list(records))
 
     def _write(self, conn: sqlite3.Connection, records: list[OptOutRecord]) -> list[StoreResult]:
-        with transaction(conn):
-            seen, listed, head = self._read(conn, [r.event_id for r in records],
-                                            [r.phone_number for r in records if r.phone_number])
-            plan = plan_write(records, seen_ids=seen, listed=listed, head=head, now=datetime.now(UTC))
-            self._insert(conn, plan)
+        seen, listed, head = self._read(conn, [r.event_id for r in records],
+                                        [r.phone_number for r in records if r.phone_number])
+        plan = plan_write(records, seen_ids=seen, listed=listed, head=head, now=datetime.now(UTC))
+        self._insert(conn, plan)
         return plan.results
 
     async def append_action(self, row: dict[str, Any]) -> None:
-        def append(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                audit.chain([row], self._read(conn, [], [])[2])
-                conn.execute(_INSERT_ACTION, _params(row))
-
-        await self._run(append)
+        await self._run_tx(self._append, row)
 
     async def remove(self, removal: Removal) -> RemoveResult:
-        return await self._run(self._remove, removal)
+        return await self._run_tx(self._remove, removal)
 
     def _remove(self, conn: sqlite3.Connection, removal: Removal) -> RemoveResult:
-        with transaction(conn):
-            if conn.execute(removal_refused_sql("?"), (removal.phone_number, removal.seen_seq)).fetchone():
-                return RemoveResult.OPTED_OUT_SINCE
-            if conn.execute("DELETE FROM blacklist WHERE phone_number = ?", (removal.phone_number,)).rowcount == 0:
-                return RemoveResult.NOT_LISTED
-            row = admin_row(event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED,
-                            at=removal.at, recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason)
-            audit.chain([row], self._read(conn, [], [])[2])
-            conn.execute(_INSERT_ACTION, _params(row))
+        if conn.execute(REMOVAL_REFUSED_SQL.format(m="?"), (removal.phone_number, removal.seen_seq)).fetchone():
+            return RemoveResult.OPTED_OUT_SINCE
+        if conn.execute("DELETE FROM blacklist WHERE phone_number = ?", (removal.phone_number,)).rowcount == 0:
+            return RemoveResult.NOT_LISTED
+        self._append(conn, admin_row(
+            event_id=removal.event_id, phone_number=removal.phone_number, outcome=Outcome.REMOVED, at=removal.at,
+            recorded_at=datetime.now(UTC), actor=removal.actor, reason=removal.reason))
         return RemoveResult.REMOVED
 
     async def import_batch(
         self, numbers: Sequence[str], *, added_at: datetime, reason: str, source: Source, actor: str,
         mark: ImportMark | None = None,
     ) -> ImportBatch:
-        return await self._run(self._import, list(numbers), added_at, reason, source, actor, mark)
+        return await self._run_tx(self._import, list(numbers), added_at, reason, source, actor, mark)
 
     def _import(self, conn: sqlite3.Connection, numbers: list[str], added_at: datetime, reason: str,
                 source: Source, actor: str, mark: ImportMark | None) -> ImportBatch:
         prefix = f"import-{uuid.uuid4().hex[:12]}-"
-        with transaction(conn):
-            last = conn.execute("SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone()
-            after, head = (int(last[0]), last[1]) if last else (0, None)
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS import_stage (phone_number TEXT)")
-            conn.execute("DELETE FROM import_stage")
-            conn.executemany("INSERT INTO import_stage (phone_number) VALUES (?)", ((n,) for n in numbers))
-            new = [r[0] for r in conn.execute(
-                "INSERT INTO blacklist (phone_number, added_at, reason, source)"
-                " SELECT DISTINCT phone_number, ?, ?, ? FROM import_stage WHERE TRUE"
-                " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
-                (ts(added_at), reason, source.value)).fetchall()]
-            conn.execute("DELETE FROM import_stage")
-            seq = after
-            if new:
-                template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
-                rows = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
-                values = list(_params(template).values())
-                phone_at = _ROW_COLUMNS.index("phone_number")
-                conn.executemany(_INSERT_ACTION_ROW, (
-                    (e, *values[1:phone_at], p, *values[phone_at + 1 : -2], prev, h) for e, p, prev, h in rows))
-                seq = int(conn.execute("SELECT max(id) FROM optout_actions").fetchone()[0])
-            if mark is not None:
-                conn.execute(
-                    f"UPDATE {TABLE_IMPORTS} SET last_line = ?, added = added + ?, bad = bad + ?,"
-                    " updated_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE file_sha256 = ?",
-                    (mark.last_line, len(new), mark.bad, mark.sha256))
+        after, head = chain_head_of(conn.execute(HEAD_SQL).fetchall())
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS import_stage (phone_number TEXT)")
+        conn.execute("DELETE FROM import_stage")
+        conn.executemany("INSERT INTO import_stage (phone_number) VALUES (?)", ((n,) for n in numbers))
+        new = [r[0] for r in conn.execute(
+            "INSERT INTO blacklist (phone_number, added_at, reason, source)"
+            " SELECT DISTINCT phone_number, ?, ?, ? FROM import_stage WHERE TRUE"
+            " ON CONFLICT (phone_number) DO NOTHING RETURNING phone_number",
+            (ts(added_at), reason, source.value)).fetchall()]
+        conn.execute("DELETE FROM import_stage")
+        seq = after
+        if new:
+            template = import_template(at=datetime.now(UTC), actor=actor, reason=reason, source=source)
+            rows = audit.chain_uniform(template, ((prefix + n, n) for n in new), head)
+            values = _values(template)
+            phone_at = _ROW_COLUMNS.index("phone_number")
+            conn.executemany(_INSERT_ACTION, (
+                (e, *values[1:phone_at], p, *values[phone_at + 1 : -2], prev, h) for e, p, prev, h in rows))
+            seq = int(conn.execute("SELECT max(id) FROM optout_actions").fetchone()[0])
+        if mark is not None:
+            conn.execute(
+                f"UPDATE {TABLE_IMPORTS} SET last_line = ?, added = added + ?, bad = bad + ?,"
+                " updated_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now') WHERE file_sha256 = ?",
+                (mark.last_line, len(new), mark.bad, mark.sha256))
         return ImportBatch(new, after, seq)
 
-    async def import_state(self, sha256: str) -> ImportMark | None:
-        row = await self._run(lambda c: c.execute(
-            f"SELECT file_name, last_line, added, bad, finished_at IS NOT NULL FROM {TABLE_IMPORTS}"
-            " WHERE file_sha256 = ?", (sha256,)).fetchone())
-        return ImportMark(sha256, row[0], int(row[1]), int(row[2]), int(row[3]), bool(row[4])) if row else None
-
     async def import_begin(self, sha256: str, name: str) -> None:
-        def begin(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.execute(
-                    f"INSERT INTO {TABLE_IMPORTS} (file_sha256, file_name) VALUES (?, ?) ON CONFLICT (file_sha256)"
-                    " DO UPDATE SET file_name = excluded.file_name, last_line = 0, added = 0, bad = 0,"
-                    " started_at = excluded.started_at, updated_at = excluded.updated_at, finished_at = NULL",
-                    (sha256, name))
-
-        await self._run(begin)
+        await self._run_tx(lambda c: c.execute(
+            f"INSERT INTO {TABLE_IMPORTS} (file_sha256, file_name) VALUES (?, ?) ON CONFLICT (file_sha256)"
+            " DO UPDATE SET file_name = excluded.file_name, last_line = 0, added = 0, bad = 0,"
+            " started_at = excluded.started_at, updated_at = excluded.updated_at, finished_at = NULL",
+            (sha256, name)))
 
     async def import_finish(self, sha256: str) -> None:
-        def finish(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.execute(f"UPDATE {TABLE_IMPORTS} SET finished_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
-                             " WHERE file_sha256 = ?", (sha256,))
-
-        await self._run(finish)
+        await self._run_tx(lambda c: c.execute(
+            f"UPDATE {TABLE_IMPORTS} SET finished_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
+            " WHERE file_sha256 = ?", (sha256,)))
 
     async def record_visibility(self, seen: Sequence[tuple[str, datetime]]) -> None:
-        def note(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.executemany("INSERT OR IGNORE INTO optout_visibility (event_id, visible_at) VALUES (?, ?)",
-                                 [(event_id, ts(at)) for event_id, at in seen])
-
         if seen:
-            await self._run(note)
+            await self._run_tx(lambda c: c.executemany(
+                "INSERT OR IGNORE INTO optout_visibility (event_id, visible_at) VALUES (?, ?)",
+                [(event_id, ts(at)) for event_id, at in seen]))
 
     # --- reads ---------------------------------------------------------------------------------------------
     async def blacklisted(self, numbers: Sequence[str]) -> set[str]:
@@ -315,25 +288,15 @@ class SqliteStore(Store):
             ]
 
     async def changes(self, after: int, upto: int, *, limit: int = 5000) -> list[Change]:
-        rows = await self._run(lambda c: c.execute(CHANGES_SQL.format(m="?"), (after, upto, limit)).fetchall())
+        rows = await self._query(CHANGES_SQL, (after, upto, limit))
         return [change_of((*r[:3], _when(r[3]), *r[4:9], _when(r[9]), *r[10:])) for r in rows]
 
-    async def position(self, at: int | None = None) -> StorePosition:
-        rows = await self._run(lambda c: c.execute(POSITION_SQL.format(m="?"), (-1 if at is None else at,))
-                               .fetchall())
-        return position_of(rows, at)
-
     async def stored(self, event_ids: Sequence[str]) -> dict[str, int]:
-        def read(conn: sqlite3.Connection) -> dict[str, int]:
-            found: dict[str, int] = {}
-            for i in range(0, len(event_ids), 500):
-                chunk = list(event_ids[i : i + 500])
-                found.update((str(e), int(n)) for e, n in conn.execute(
-                    f"SELECT event_id, id FROM optout_actions WHERE event_id IN ({','.join('?' * len(chunk))})",
-                    chunk))
-            return found
-
-        return await self._run(read) if event_ids else {}
+        if not event_ids:
+            return {}
+        rows = await self._run(lambda c: list(_in_chunks(
+            c, "SELECT event_id, id FROM optout_actions WHERE event_id IN ({})", event_ids)))
+        return {str(e): int(n) for e, n in rows}
 
     async def watch(self, *, every: float = 0.02) -> AsyncIterator[None]:
         """SQLite has no notifications: the head is polled (an index lookup) every `every` seconds, which also
@@ -366,11 +329,6 @@ class SqliteStore(Store):
             last = page[-1].id
             for row in page:
                 yield row
-
-    async def chain_head(self) -> tuple[int, str | None]:
-        row = await self._run(lambda c: c.execute(
-            "SELECT id, row_hash FROM optout_actions ORDER BY id DESC LIMIT 1").fetchone())
-        return (int(row[0]), row[1]) if row else (0, None)
 
 
 def _split_sql(script: str) -> list[str]:

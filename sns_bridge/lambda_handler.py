@@ -39,7 +39,7 @@ from agent.settings import Settings
 from sns_bridge.app import open_handler
 from sns_bridge.errors import EventRejected, NotStored
 from sns_bridge.handler import BridgeHandler, attribute_values
-from sns_bridge.sqs import POISON_RECEIVES, unwrap
+from sns_bridge.sqs import POISON_RECEIVES, receive_count, text_or_none, unwrap
 
 log = logging.getLogger("sns_bridge.lambda")
 
@@ -62,15 +62,11 @@ class _Item:
     """SQS's ApproximateReceiveCount (None for an SNS trigger)."""
 
 
-def _text(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
 def _ident(index: int, record: object) -> str:
     """The record's identifier for `batchItemFailures`: SQS's messageId, SNS's MessageId, else its index."""
     if isinstance(record, Mapping):
         sns = record.get("Sns")
-        found = _text(sns.get("MessageId")) if isinstance(sns, Mapping) else _text(record.get("messageId"))
+        found = text_or_none(sns.get("MessageId") if isinstance(sns, Mapping) else record.get("messageId"))
         if found:
             return found
     return str(index)
@@ -87,19 +83,14 @@ def _item(index: int, record: object) -> _Item:
         message = sns.get("Message")
         if not isinstance(message, str):
             raise EventRejected("Sns.Message", "no Sns.Message string")
-        return _Item(_text(sns.get("MessageId")), message, attribute_values(sns.get("MessageAttributes")),
-                     _text(sns.get("TopicArn")), None)
+        return _Item(text_or_none(sns.get("MessageId")), message, attribute_values(sns.get("MessageAttributes")),
+                     text_or_none(sns.get("TopicArn")), None)
     body = record.get("body")
     if not isinstance(body, str):
         raise EventRejected("Records", f"record {index} has neither an Sns object nor an SQS body string")
-    attributes = record.get("attributes")
-    try:
-        receives = int(attributes.get("ApproximateReceiveCount", 1)) if isinstance(attributes, Mapping) else 1
-    except (TypeError, ValueError):
-        receives = 1
     note = unwrap(body, _sqs_attributes(record.get("messageAttributes")))
     return _Item(note.message_id, note.message, note.attributes,
-                 note.topic_arn if note.envelope else None, receives)
+                 note.topic_arn if note.envelope else None, receive_count(record.get("attributes")))
 
 
 def _sqs_attributes(value: object) -> dict[str, Any] | None:

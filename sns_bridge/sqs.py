@@ -72,6 +72,18 @@ class Notification:
     """An SNS envelope (SNS -> SQS delivery), not raw delivery."""
 
 
+def text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def receive_count(attributes: object) -> int:
+    """SQS's ApproximateReceiveCount from a message's attributes (1 when it is missing or unreadable)."""
+    try:
+        return int(attributes.get("ApproximateReceiveCount", 1)) if isinstance(attributes, Mapping) else 1
+    except (TypeError, ValueError):
+        return 1
+
+
 def unwrap(body: str, sqs_attributes: Mapping[str, Any] | None) -> Notification:
     """Read an SQS body as an SNS envelope (a Notification object) or, failing that, as raw delivery."""
     try:
@@ -79,15 +91,9 @@ def unwrap(body: str, sqs_attributes: Mapping[str, Any] | None) -> Notification:
     except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict) and data.get("Type") == "Notification" and isinstance(data.get("Message"), str):
-        message_id = data.get("MessageId")
-        topic_arn = data.get("TopicArn")
-        return Notification(
-            message_id=message_id if isinstance(message_id, str) else None,
-            message=data["Message"],
-            attributes=attribute_values(data.get("MessageAttributes")),
-            topic_arn=topic_arn if isinstance(topic_arn, str) else None,
-            envelope=True,
-        )
+        return Notification(message_id=text_or_none(data.get("MessageId")), message=data["Message"],
+                            attributes=attribute_values(data.get("MessageAttributes")),
+                            topic_arn=text_or_none(data.get("TopicArn")), envelope=True)
     # Raw delivery: the body is the event; SNS's attributes arrive as SQS message attributes and the
     # SNS MessageId is gone (the pipeline still dedupes by eventId).
     return Notification(message_id=None, message=body, attributes=attribute_values(sqs_attributes), topic_arn=None)
@@ -154,10 +160,7 @@ class SqsPoller:
     async def _handle(self, sqs_message: Mapping[str, Any], pending: set[str]) -> _Outcome:
         """Handle one message: what to do with it. Never raises."""
         message_id = sqs_message.get("MessageId")
-        try:
-            receives = int(sqs_message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-        except (TypeError, ValueError, AttributeError):
-            receives = 1
+        receives = receive_count(sqs_message.get("Attributes"))
         try:
             note = unwrap(str(sqs_message.get("Body", "")), sqs_message.get("MessageAttributes"))
             if self._allowed and note.envelope and note.topic_arn not in self._allowed:
@@ -215,29 +218,27 @@ class SqsPoller:
             self._redrive = (found, now)
         return self._redrive[0]
 
-    async def _park(self, messages: Sequence[Mapping[str, Any]]) -> None:
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": _park_for(m)}
-                   for i, m in enumerate(messages)]
+    async def _set_visibility(self, timeouts: Sequence[tuple[Mapping[str, Any], int]], failed: str) -> None:
+        """Make each message invisible for its seconds; a failure is only logged (`failed`: count, error)."""
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
+                   for i, (m, seconds) in enumerate(timeouts)]
         try:
             await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
         except AWS_ERRORS as exc:
-            log.warning("parking %d SQS messages failed (they come back sooner): %s", len(entries), exc)
+            log.warning(failed, len(entries), exc)
+
+    async def _park(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        await self._set_visibility([(m, _park_for(m)) for m in messages],
+                                   "parking %d SQS messages failed (they come back sooner): %s")
 
     async def _keep_invisible(self, messages: Sequence[Mapping[str, Any]], pending: set[str]) -> None:
         """Every half visibility timeout, extend the visibility of the messages still being worked on."""
         while True:
             await asyncio.sleep(self._visibility / 2)
-            entries = [
-                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": self._visibility}
-                for i, m in enumerate(messages)
-                if m["ReceiptHandle"] in pending
-            ]
-            if not entries:
+            still = [(m, self._visibility) for m in messages if m["ReceiptHandle"] in pending]
+            if not still:
                 return
-            try:
-                await self._client.change_message_visibility_batch(QueueUrl=self._queue_url, Entries=entries)
-            except AWS_ERRORS as exc:
-                log.warning("extending visibility of %d SQS messages failed: %s", len(entries), exc)
+            await self._set_visibility(still, "extending visibility of %d SQS messages failed: %s")
 
     async def _delete(self, messages: Sequence[Mapping[str, Any]]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
